@@ -1,0 +1,143 @@
+"""Configuration of a mining run: one frozen object instead of thirty keyword arguments.
+
+The same `MiningConfig` is used by the Python API, the CLI, the Dask pipeline and the REST
+service (it is the body of `POST /v1/jobs`), so a plan id derived from it means the same thing
+everywhere.
+
+>>> from b3mine import MiningConfig
+>>> cfg = MiningConfig(batch_size=256, cluster_size=32, p=30, m=100, algorithm="metis")
+>>> cfg.clusters_per_batch
+8
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+IndexKind = Literal["flat", "ivf", "hnsw"]
+Algorithm = Literal["metis", "louvain", "igraph-louvain", "leiden"]
+Policy = Literal["drop", "fill"]
+NegativeMode = Literal["none", "hnps", "hnips"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class NeighbourConfig(_Frozen):
+    """How the teacher's rank lists are computed."""
+
+    index: IndexKind = Field("flat", description="flat = exact inner product; ivf/hnsw approximate")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto uses the torch GPU path when CUDA is present"
+    )
+    block_size: int = Field(8192, ge=1, description="queries searched per block (bounds memory)")
+    nlist: int | None = Field(None, ge=1, description="IVF lists; default 4*sqrt(N)")
+    nprobe: int = Field(16, ge=1, description="IVF lists probed per query")
+    hnsw_m: int = Field(32, ge=4, description="HNSW neighbours per node")
+    ef_construction: int = Field(80, ge=8)
+    ef_search: int = Field(128, ge=8, description="HNSW search beam; must be >= the rank depth")
+    train_size: int = Field(100_000, ge=1000, description="IVF training sample size")
+    threads: int | None = Field(None, ge=1, description="FAISS OpenMP threads; None = all cores")
+
+
+class NegativesConfig(_Frozen):
+    """Extra hard negatives per example, as in B3 (HNPS / HNIPS)."""
+
+    mode: NegativeMode = "none"
+    k: int = Field(5, ge=1, description="extra negatives per example (K_neg)")
+    depth: int = Field(100, ge=1, description="rank depth past p that candidates are drawn from")
+    positive_filter: float | None = Field(
+        0.95,
+        gt=0,
+        le=1,
+        description="drop a candidate scoring above this share of the positive's teacher score "
+        "(NV-Retriever TopK-PercPos); None disables",
+    )
+
+
+class MiningConfig(_Frozen):
+    """Everything that decides a plan. Two equal configs on the same data give the same plan."""
+
+    batch_size: int = Field(1024, ge=1, description="examples per global batch (B)")
+    cluster_size: int = Field(32, ge=1, description="examples per cluster (K); B % K == 0")
+    p: int = Field(30, ge=0, description="skip the teacher's top p ranks (likely false negatives)")
+    m: int = Field(100, ge=1, description="keep ranks [p, p+m) as graph edges")
+    graph: Literal["mutual", "symmetric"] = Field(
+        "mutual", description="mutual keeps i-j only if both rank each other (B3)"
+    )
+    algorithm: Algorithm = "metis"
+    resolution: float = Field(0.05, gt=0, description="Leiden CPM resolution")
+    remainder: Policy = Field(
+        "drop",
+        description="examples left over after forming clusters of exactly K: drop them, or fill "
+        "the last cluster with random other examples (flagged as padding in the plan)",
+    )
+    last_batch: Policy = Field(
+        "drop",
+        description="an epoch's incomplete last batch: drop it, or fill it with random clusters "
+        "from the epoch's other batches (flagged as padding)",
+    )
+    epochs: int = Field(1, ge=1, description="epochs in the plan; batches are re-drawn each epoch")
+    seed: int = 0
+    normalize: bool = Field(True, description="L2-normalise embeddings (cosine similarity)")
+    neighbours: NeighbourConfig = NeighbourConfig()
+    negatives: NegativesConfig = NegativesConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> MiningConfig:
+        if self.batch_size % self.cluster_size:
+            raise ValueError(
+                f"batch_size must be a multiple of cluster_size "
+                f"(got batch_size={self.batch_size}, cluster_size={self.cluster_size})"
+            )
+        return self
+
+    @property
+    def clusters_per_batch(self) -> int:
+        return self.batch_size // self.cluster_size
+
+    @property
+    def rank_depth(self) -> int:
+        """How many ranks per row must be searched: the window, and the negatives' pool."""
+        depth = self.p + self.m
+        if self.negatives.mode != "none":
+            depth = max(depth, self.p + self.negatives.depth)
+        return depth
+
+    def canonical_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+
+    def digest(self) -> str:
+        return hashlib.sha256(self.canonical_json().encode()).hexdigest()
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> MiningConfig:
+        """Read a config from JSON (or TOML when the file ends in .toml)."""
+        path = Path(path)
+        text = path.read_text()
+        if path.suffix == ".toml":
+            import tomllib
+
+            return cls.model_validate(tomllib.loads(text))
+        return cls.model_validate_json(text)
+
+
+class EmbeddingSource(_Frozen):
+    """Where the teacher embeddings are, and which columns hold what.
+
+    Parquet: one file (or a directory of files) with an id column and a `list<float32>` or
+    `fixed_size_list<float32>[d]` column; paired data adds a target column, or a second file.
+    NumPy: `.npy` (memory-mapped) with an aligned id file (`.npy` or one id per line `.txt`).
+    """
+
+    path: str
+    id_column: str = "id"
+    column: str = "embedding"
+    target_column: str | None = Field(None, description="paired data: the target embedding column")
+    target_path: str | None = Field(None, description="paired data: targets in a second file")
+    ids_path: str | None = Field(None, description=".npy input: the aligned id file")

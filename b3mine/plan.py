@@ -1,0 +1,461 @@
+"""The batch-plan format: a directory with a manifest and Parquet tables, written atomically.
+
+Layout of ``<root>/<plan_id>/``::
+
+    manifest.json      plan id, config, dataset fingerprint, counts, stats, versions, file hashes
+    clusters.parquet   cluster:int32, row:int64, id, padded:bool         (sorted by cluster)
+    batches.parquet    epoch:int32, batch:int32, position:int32, row:int64, id, cluster:int32,
+                       padded:bool                                       (one row group per epoch)
+    negatives.parquet  row:int64, id, negative_rows:list<int64>        (only with extra negatives)
+    report.json/.png   quality report (hardness vs random batches), when computed
+
+Every batch holds exactly ``batch_size`` rows; ``row`` indexes the embeddings/dataset the plan was
+mined from and ``id`` is that row's id. ``padded`` marks rows added by a ``fill`` policy (they
+repeat an example that already appears elsewhere in the epoch). A plan is immutable: its id is a
+content hash of the input data and the config, so the same inputs always name the same plan.
+
+>>> plan = BatchPlan.open("plans/0123456789abcdef")      # doctest: +SKIP
+>>> plan.batch_rows(epoch=0).shape                         # doctest: +SKIP
+(97, 1024)
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict
+
+from b3mine.config import MiningConfig
+from b3mine.errors import PlanError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+CLUSTERS = "clusters.parquet"
+BATCHES = "batches.parquet"
+NEGATIVES = "negatives.parquet"
+
+
+def plan_id_for(dataset_fingerprint: str, config: MiningConfig) -> str:
+    """Content hash of the inputs and the config: the same data and config name the same plan."""
+    h = hashlib.sha256()
+    h.update(f"b3mine-plan-v{FORMAT_VERSION}\0{dataset_fingerprint}\0".encode())
+    h.update(config.canonical_json().encode())
+    return h.hexdigest()[:20]
+
+
+class DatasetInfo(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    fingerprint: str
+    n_rows: int
+    dim: int
+    paired: bool
+    id_type: str  # "int64" or "string"
+    source: str | None = None
+
+
+class PlanCounts(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    n_clusters: int
+    cluster_size: int
+    batch_size: int
+    epochs: int
+    batches_per_epoch: int
+    examples_per_epoch: int  # distinct, non-padded rows in each epoch
+    remainder_dropped: int  # rows in no cluster (remainder policy "drop")
+    remainder_padded: int  # padding rows added to complete the last cluster
+    last_batch_padded: int  # padding rows per epoch added to complete the last batch
+    n_edges: int = 0
+    extra_negatives: int = 0  # per example; 0 when the plan has no negatives table
+
+
+class PlanManifest(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    format_version: int = FORMAT_VERSION
+    plan_id: str
+    created_at: str
+    config: MiningConfig
+    dataset: DatasetInfo
+    counts: PlanCounts
+    stats: dict[str, Any] = {}
+    versions: dict[str, str] = {}
+    files: dict[str, str] = {}  # file name -> sha256
+
+
+@dataclass(frozen=True)
+class PlanTables:
+    """A plan in memory, before it is written.
+
+    clusters: (C, K) int64 rows; cluster_padded: (C, K) bool.
+    batches: (E, nb, B) int64 rows; batch_cluster: (E, nb, B) int32; batch_padded: (E, nb, B) bool.
+    negatives: (N, k) int64 rows per dataset row (-1 = none), or None.
+    """
+
+    ids: np.ndarray
+    clusters: np.ndarray
+    cluster_padded: np.ndarray
+    batches: np.ndarray
+    batch_cluster: np.ndarray
+    batch_padded: np.ndarray
+    negatives: np.ndarray | None = None
+    extra_files: dict[str, bytes] = field(default_factory=dict)
+
+
+def _ids_array(ids: np.ndarray) -> pa.Array:
+    if ids.dtype.kind in "iu":
+        return pa.array(ids.astype(np.int64, copy=False))
+    return pa.array(ids.astype(str).tolist(), type=pa.string())
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {}
+    for name in ("b3mine", "numpy", "pyarrow", "faiss-cpu", "pymetis", "igraph", "scipy"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _write_tables(tmp: Path, tables: PlanTables) -> None:
+    ids = tables.ids
+    c_rows = tables.clusters.reshape(-1)
+    n_clusters, k = tables.clusters.shape
+    pq.write_table(
+        pa.table(
+            {
+                "cluster": pa.array(np.repeat(np.arange(n_clusters, dtype=np.int32), k)),
+                "row": pa.array(c_rows.astype(np.int64)),
+                "id": _ids_array(ids[c_rows]),
+                "padded": pa.array(tables.cluster_padded.reshape(-1)),
+            }
+        ),
+        tmp / CLUSTERS,
+    )
+    epochs, n_batches, batch_size = tables.batches.shape
+    per_epoch = n_batches * batch_size
+    schema = None
+    writer = None
+    try:
+        for e in range(epochs):
+            rows = tables.batches[e].reshape(-1).astype(np.int64)
+            table = pa.table(
+                {
+                    "epoch": pa.array(np.full(per_epoch, e, dtype=np.int32)),
+                    "batch": pa.array(np.repeat(np.arange(n_batches, dtype=np.int32), batch_size)),
+                    "position": pa.array(np.tile(np.arange(batch_size, dtype=np.int32), n_batches)),
+                    "row": pa.array(rows),
+                    "id": _ids_array(ids[rows]),
+                    "cluster": pa.array(tables.batch_cluster[e].reshape(-1).astype(np.int32)),
+                    "padded": pa.array(tables.batch_padded[e].reshape(-1)),
+                }
+            )
+            if writer is None:
+                schema = table.schema
+                writer = pq.ParquetWriter(tmp / BATCHES, schema)
+            # One row group per epoch: readers fetch an epoch without touching the others.
+            writer.write_table(table, row_group_size=max(per_epoch, 1))
+        if writer is None:  # zero batches: still write a valid, empty table
+            pq.write_table(
+                pa.table({"epoch": pa.array([], pa.int32()), "batch": pa.array([], pa.int32()),
+                          "position": pa.array([], pa.int32()), "row": pa.array([], pa.int64()),
+                          "id": _ids_array(ids[:0]), "cluster": pa.array([], pa.int32()),
+                          "padded": pa.array([], pa.bool_())}),
+                tmp / BATCHES,
+            )
+    finally:
+        if writer is not None:
+            writer.close()
+    if tables.negatives is not None:
+        neg = tables.negatives
+        rows = np.unique(c_rows)
+        lists = [r[r >= 0].tolist() for r in neg[rows]]
+        pq.write_table(
+            pa.table(
+                {
+                    "row": pa.array(rows.astype(np.int64)),
+                    "id": _ids_array(ids[rows]),
+                    "negative_rows": pa.array(lists, type=pa.list_(pa.int64())),
+                }
+            ),
+            tmp / NEGATIVES,
+        )
+    for name, data in tables.extra_files.items():
+        (tmp / name).write_bytes(data)
+
+
+def write_plan(
+    root: str | Path,
+    *,
+    config: MiningConfig,
+    dataset: DatasetInfo,
+    counts: PlanCounts,
+    tables: PlanTables,
+    stats: dict[str, Any] | None = None,
+    plan_id: str | None = None,
+) -> BatchPlan:
+    """Write a plan under ``root/<plan_id>`` atomically (temp dir + rename) and return it.
+
+    If the plan already exists (same data and config) the existing one is returned untouched.
+    A crash at any point leaves at most a hidden ``.tmp-*`` directory, never a half plan.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    plan_id = plan_id or plan_id_for(dataset.fingerprint, config)
+    final = root / plan_id
+    if (final / MANIFEST).exists():
+        return BatchPlan.open(final)
+    tmp = root / f".tmp-{plan_id}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        _write_tables(tmp, tables)
+        files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        manifest = PlanManifest(
+            plan_id=plan_id,
+            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            config=config,
+            dataset=dataset,
+            counts=counts,
+            stats=stats or {},
+            versions=library_versions(),
+            files=files,
+        )
+        _atomic_write_text(tmp / MANIFEST, manifest.model_dump_json(indent=2))
+        _fsync_dir(tmp)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if (final / MANIFEST).exists():  # a concurrent writer won the race: same content
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                raise
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return BatchPlan.open(final)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """A plan on disk, read lazily through memory-mapped Parquet."""
+
+    path: Path
+    manifest: PlanManifest
+
+    @classmethod
+    def open(cls, path: str | Path, *, validate: bool = False) -> BatchPlan:
+        path = Path(path)
+        manifest_path = path / MANIFEST
+        if not manifest_path.is_file():
+            raise PlanError(f"{path}: not a plan directory (no {MANIFEST})")
+        try:
+            manifest = PlanManifest.model_validate_json(manifest_path.read_text())
+        except ValueError as exc:
+            raise PlanError(f"{manifest_path}: invalid manifest: {exc}") from exc
+        if manifest.format_version != FORMAT_VERSION:
+            raise PlanError(
+                f"{manifest_path}: format_version {manifest.format_version} is not supported "
+                f"(expected {FORMAT_VERSION})"
+            )
+        for name in manifest.files:
+            if not (path / name).is_file():
+                raise PlanError(f"{path}: file {name} listed in the manifest is missing")
+        plan = cls(path=path, manifest=manifest)
+        if validate:
+            plan.validate()
+        return plan
+
+    # -- shape -------------------------------------------------------------------------------
+    @property
+    def plan_id(self) -> str:
+        return self.manifest.plan_id
+
+    @property
+    def config(self) -> MiningConfig:
+        return self.manifest.config
+
+    @property
+    def epochs(self) -> int:
+        return self.manifest.counts.epochs
+
+    @property
+    def batch_size(self) -> int:
+        return self.manifest.counts.batch_size
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.manifest.counts.batches_per_epoch
+
+    @property
+    def has_negatives(self) -> bool:
+        return NEGATIVES in self.manifest.files
+
+    # -- reading -----------------------------------------------------------------------------
+    @cached_property
+    def _batches_file(self) -> pq.ParquetFile:
+        return pq.ParquetFile(self.path / BATCHES, memory_map=True)
+
+    def _check_epoch(self, epoch: int) -> None:
+        if not 0 <= epoch < self.epochs:
+            raise PlanError(f"plan {self.plan_id}: epoch {epoch} out of range [0, {self.epochs})")
+
+    def _check_batch(self, batch: int) -> None:
+        if not 0 <= batch < self.batches_per_epoch:
+            raise PlanError(
+                f"plan {self.plan_id}: batch {batch} out of range [0, {self.batches_per_epoch})"
+            )
+
+    def epoch_table(self, epoch: int) -> pa.Table:
+        """All batches of one epoch, in order (epoch, batch, position, row, id, cluster, padded)."""
+        self._check_epoch(epoch)
+        if self.batches_per_epoch == 0:
+            return self._batches_file.schema_arrow.empty_table()
+        return self._batches_file.read_row_group(epoch)
+
+    def batch_table(self, epoch: int, batch: int) -> pa.Table:
+        self._check_batch(batch)
+        return self.epoch_table(epoch).slice(batch * self.batch_size, self.batch_size)
+
+    def batch_rows(self, epoch: int) -> np.ndarray:
+        """Dataset rows of an epoch as a (batches_per_epoch, batch_size) int64 array."""
+        rows = self.epoch_table(epoch).column("row").to_numpy()
+        return rows.reshape(self.batches_per_epoch, self.batch_size)
+
+    def clusters_table(self) -> pa.Table:
+        return pq.read_table(self.path / CLUSTERS, memory_map=True)
+
+    def negatives_table(self) -> pa.Table | None:
+        if not self.has_negatives:
+            return None
+        return pq.read_table(self.path / NEGATIVES, memory_map=True)
+
+    def negatives_for(self, rows: np.ndarray) -> list[list[int]]:
+        """Extra hard-negative rows for each of ``rows`` (empty lists when the plan has none)."""
+        table = self.negatives_table()
+        if table is None:
+            return [[] for _ in rows]
+        index = {r: i for i, r in enumerate(table.column("row").to_numpy())}
+        lists = table.column("negative_rows")
+        return [lists[index[int(r)]].as_py() if int(r) in index else [] for r in rows]
+
+    def report(self) -> dict[str, Any] | None:
+        path = self.path / "report.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    # -- invariants --------------------------------------------------------------------------
+    def validate(self, *, check_hashes: bool = True) -> None:
+        """Raise PlanError unless every invariant of the format holds."""
+        m, c = self.manifest, self.manifest.counts
+        if check_hashes:
+            for name, digest in m.files.items():
+                if _sha256(self.path / name) != digest:
+                    raise PlanError(f"{self.path / name}: content does not match the manifest hash")
+        clusters = self.clusters_table()
+        crow = clusters.column("row").to_numpy()
+        cpad = clusters.column("padded").to_numpy(zero_copy_only=False)
+        cid = clusters.column("cluster").to_numpy()
+        if len(crow) != c.n_clusters * c.cluster_size:
+            raise PlanError(
+                f"{CLUSTERS}: {len(crow)} rows, expected n_clusters*cluster_size = "
+                f"{c.n_clusters * c.cluster_size}"
+            )
+        if len(crow) and (np.bincount(cid, minlength=c.n_clusters) != c.cluster_size).any():
+            raise PlanError(f"{CLUSTERS}: a cluster does not hold exactly {c.cluster_size} rows")
+        if len(crow) and (crow.min() < 0 or crow.max() >= m.dataset.n_rows):
+            raise PlanError(f"{CLUSTERS}: row outside [0, {m.dataset.n_rows})")
+        real = crow[~cpad]
+        if len(np.unique(real)) != len(real):
+            raise PlanError(f"{CLUSTERS}: a non-padded row appears in two clusters")
+        if int(cpad.sum()) != c.remainder_padded:
+            raise PlanError(f"{CLUSTERS}: {int(cpad.sum())} padded rows, manifest says "
+                            f"{c.remainder_padded}")
+        id_of_row = dict(zip(crow.tolist(), clusters.column("id").to_pylist()))
+        cluster_of_row = dict(zip(crow[~cpad].tolist(), cid[~cpad].tolist()))
+        if self._batches_file.metadata.num_row_groups != (c.epochs if c.batches_per_epoch else 1):
+            raise PlanError(f"{BATCHES}: expected one row group per epoch ({c.epochs})")
+        for e in range(c.epochs):
+            self._validate_epoch(e, id_of_row, cluster_of_row)
+
+    def _validate_epoch(self, e: int, id_of_row: dict, cluster_of_row: dict) -> None:
+        c = self.manifest.counts
+        t = self.epoch_table(e)
+        n = c.batches_per_epoch * c.batch_size
+        where = f"{BATCHES} epoch {e}"
+        if t.num_rows != n:
+            raise PlanError(f"{where}: {t.num_rows} rows, expected {n}")
+        if n == 0:
+            return
+        cols = {name: t.column(name).to_numpy(zero_copy_only=False) for name in t.column_names}
+        if (cols["epoch"] != e).any():
+            raise PlanError(f"{where}: holds rows of another epoch")
+        expect_batch = np.repeat(np.arange(c.batches_per_epoch), c.batch_size)
+        expect_pos = np.tile(np.arange(c.batch_size), c.batches_per_epoch)
+        if (cols["batch"] != expect_batch).any() or (cols["position"] != expect_pos).any():
+            raise PlanError(f"{where}: batches/positions are not complete and in order")
+        real = cols["row"][~cols["padded"]]
+        if len(np.unique(real)) != len(real):
+            dup = int(real[np.argmax(np.bincount(real))])
+            raise PlanError(f"{where}: row {dup} appears twice without being marked padded")
+        if len(real) != c.examples_per_epoch:
+            raise PlanError(
+                f"{where}: {len(real)} distinct examples, manifest says {c.examples_per_epoch}"
+            )
+        for i in np.flatnonzero(~cols["padded"])[:: max(1, n // 4096)]:  # sampled id/cluster check
+            row = int(cols["row"][i])
+            if row not in cluster_of_row:
+                raise PlanError(f"{where}: row {row} is in no cluster")
+            if cols["id"][i] != id_of_row[row] or cols["cluster"][i] != cluster_of_row[row]:
+                raise PlanError(f"{where}: row {row} has a wrong id or cluster")
+
+
+def list_plans(root: str | Path) -> list[BatchPlan]:
+    """Every complete plan under ``root`` (temp directories of unfinished writes are skipped)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return [
+        BatchPlan.open(p)
+        for p in sorted(root.iterdir())
+        if p.is_dir() and not p.name.startswith(".") and (p / MANIFEST).is_file()
+    ]
