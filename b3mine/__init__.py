@@ -30,7 +30,7 @@ __all__ = [
 def __getattr__(name: str):
     # Mining pulls in faiss/scipy; keep `import b3mine` light for trainers and the service.
     if name == "mine":
-        from b3mine.mine import mine
+        from b3mine.mining import mine
 
         return mine
     if name == "load_embeddings":

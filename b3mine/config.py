@@ -18,7 +18,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-IndexKind = Literal["flat", "ivf", "hnsw"]
+IndexKind = Literal["flat", "ivf", "hnsw", "torch"]
 Algorithm = Literal["metis", "louvain", "igraph-louvain", "leiden"]
 Policy = Literal["drop", "fill"]
 NegativeMode = Literal["none", "hnps", "hnips"]
@@ -31,7 +31,10 @@ class _Frozen(BaseModel):
 class NeighbourConfig(_Frozen):
     """How the teacher's rank lists are computed."""
 
-    index: IndexKind = Field("flat", description="flat = exact inner product; ivf/hnsw approximate")
+    index: IndexKind = Field(
+        "flat", description="flat = exact (FAISS, or torch on a GPU); ivf/hnsw approximate; "
+        "torch = exact blocked GEMM in torch"
+    )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="auto uses the torch GPU path when CUDA is present"
     )

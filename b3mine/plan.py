@@ -73,7 +73,7 @@ class PlanCounts(BaseModel):
     batch_size: int
     epochs: int
     batches_per_epoch: int
-    examples_per_epoch: int  # distinct, non-padded rows in each epoch
+    examples_per_epoch: list[int]  # distinct, non-padded rows of each epoch
     remainder_dropped: int  # rows in no cluster (remainder policy "drop")
     remainder_padded: int  # padding rows added to complete the last cluster
     last_batch_padded: int  # padding rows per epoch added to complete the last batch
@@ -437,9 +437,9 @@ class BatchPlan:
         if len(np.unique(real)) != len(real):
             dup = int(real[np.argmax(np.bincount(real))])
             raise PlanError(f"{where}: row {dup} appears twice without being marked padded")
-        if len(real) != c.examples_per_epoch:
+        if len(real) != c.examples_per_epoch[e]:
             raise PlanError(
-                f"{where}: {len(real)} distinct examples, manifest says {c.examples_per_epoch}"
+                f"{where}: {len(real)} distinct examples, manifest says {c.examples_per_epoch[e]}"
             )
         for i in np.flatnonzero(~cols["padded"])[:: max(1, n // 4096)]:  # sampled id/cluster check
             row = int(cols["row"][i])

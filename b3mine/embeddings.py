@@ -1,0 +1,288 @@
+"""Teacher embeddings in: Parquet or memory-mapped .npy, a single corpus or query/target pairs.
+
+Every check names the file, column and row at fault. Loading never changes the input files.
+
+>>> import numpy as np
+>>> emb = Embeddings.from_arrays(np.arange(4), np.eye(4, dtype=np.float32))
+>>> emb.n_rows, emb.dim, emb.paired
+(4, 4, False)
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from b3mine.config import EmbeddingSource
+from b3mine.errors import InputError
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    """Row-aligned ids and teacher vectors. ``targets is None`` means a single corpus."""
+
+    ids: np.ndarray
+    queries: np.ndarray
+    targets: np.ndarray | None = None
+    source: str = "<memory>"
+
+    @classmethod
+    def from_arrays(
+        cls,
+        ids: np.ndarray | list,
+        queries: np.ndarray,
+        targets: np.ndarray | None = None,
+        *,
+        source: str = "<memory>",
+        normalize: bool = False,
+    ) -> Embeddings:
+        ids = np.asarray(ids)
+        if ids.dtype.kind not in "iuUO":
+            raise InputError("ids must be integers or strings", file=source, expected="int or str",
+                             got=str(ids.dtype))
+        if ids.dtype.kind == "O":
+            ids = ids.astype(str)
+        q = _check_matrix(queries, source, "queries")
+        t = None if targets is None else _check_matrix(targets, source, "targets")
+        emb = cls(ids=ids, queries=q, targets=t, source=source)
+        emb._check_aligned()
+        return emb.normalized() if normalize else emb
+
+    @property
+    def n_rows(self) -> int:
+        return self.queries.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.queries.shape[1]
+
+    @property
+    def paired(self) -> bool:
+        return self.targets is not None
+
+    @property
+    def target_matrix(self) -> np.ndarray:
+        return self.queries if self.targets is None else self.targets
+
+    def normalized(self) -> Embeddings:
+        """L2-normalised copy (cosine similarity becomes inner product)."""
+        return Embeddings(
+            ids=self.ids,
+            queries=_l2_normalize(self.queries, self.source, "queries"),
+            targets=None if self.targets is None else _l2_normalize(self.targets, self.source,
+                                                                    "targets"),
+            source=self.source,
+        )
+
+    def fingerprint(self) -> str:
+        """Content hash of ids and vectors: part of the plan id."""
+        h = hashlib.blake2b(digest_size=16)
+        h.update(str(self.ids.dtype.kind).encode())
+        if self.ids.dtype.kind in "iu":
+            h.update(np.ascontiguousarray(self.ids, dtype=np.int64).tobytes())
+        else:
+            h.update("\0".join(self.ids.tolist()).encode())
+        for m in (self.queries, self.targets):
+            if m is not None:
+                h.update(f"{m.shape}".encode())
+                for start in range(0, m.shape[0], 65536):  # bounded memory on mmapped inputs
+                    h.update(np.ascontiguousarray(m[start : start + 65536]).tobytes())
+        return h.hexdigest()
+
+    def _check_aligned(self) -> None:
+        n = self.queries.shape[0]
+        if self.ids.ndim != 1 or len(self.ids) != n:
+            raise InputError("ids are not aligned with the embeddings", file=self.source,
+                             expected=f"{n} ids", got=f"{len(self.ids)}")
+        if self.targets is not None and self.targets.shape != self.queries.shape:
+            raise InputError("query and target embeddings differ in shape", file=self.source,
+                             expected=str(self.queries.shape), got=str(self.targets.shape))
+        _check_unique_ids(self.ids, self.source)
+
+
+def _check_matrix(m: np.ndarray, source: str, column: str) -> np.ndarray:
+    m = np.asarray(m) if not isinstance(m, np.memmap) else m
+    if m.ndim != 2 or m.shape[1] == 0:
+        raise InputError("embeddings must be a 2-D matrix", file=source, column=column,
+                         expected="shape (rows, dim>0)", got=str(m.shape))
+    if m.dtype.kind != "f":
+        raise InputError("embeddings must be floating point", file=source, column=column,
+                         expected="float32", got=str(m.dtype))
+    if m.dtype != np.float32:
+        m = m.astype(np.float32)
+    _check_finite(m, source, column)
+    return m
+
+
+def _check_finite(m: np.ndarray, source: str, column: str) -> None:
+    for start in range(0, m.shape[0], 65536):
+        block = m[start : start + 65536]
+        bad = ~np.isfinite(block).all(axis=1)
+        if bad.any():
+            row = start + int(np.argmax(bad))
+            raise InputError("embedding holds a NaN or infinite value", file=source, column=column,
+                             row=row, expected="finite floats")
+
+
+def _check_unique_ids(ids: np.ndarray, source: str) -> None:
+    _, first, counts = np.unique(ids, return_index=True, return_counts=True)
+    if (counts > 1).any():
+        dup = int(np.argmax(counts > 1))
+        later = np.flatnonzero(ids == ids[first[dup]])
+        raise InputError(f"duplicate id {ids[first[dup]]!r}", file=source, row=int(later[1]),
+                         expected="unique ids", got=f"also at row {int(later[0])}")
+
+
+def _l2_normalize(m: np.ndarray, source: str, column: str) -> np.ndarray:
+    norms = np.linalg.norm(m, axis=1, keepdims=True)
+    zero = norms[:, 0] == 0
+    if zero.any():
+        raise InputError("cannot L2-normalise a zero vector", file=source, column=column,
+                         row=int(np.argmax(zero)), expected="non-zero norm")
+    return (m / norms).astype(np.float32, copy=False)
+
+
+# -- readers ---------------------------------------------------------------------------------
+
+def load_embeddings(source: EmbeddingSource | str | Path, *, normalize: bool = False) -> Embeddings:
+    """Read embeddings as ``source`` describes (a bare path means defaults: id + embedding)."""
+    if not isinstance(source, EmbeddingSource):
+        source = EmbeddingSource(path=str(source))
+    path = Path(source.path)
+    if not path.exists():
+        raise InputError("no such file or directory", file=str(path))
+    if path.suffix == ".npy":
+        emb = _load_npy(source)
+    else:
+        emb = _load_parquet(source)
+    return emb.normalized() if normalize else emb
+
+
+def _load_npy(source: EmbeddingSource) -> Embeddings:
+    path = Path(source.path)
+    if source.ids_path is None:
+        raise InputError(".npy embeddings need an aligned id file (ids_path)", file=str(path))
+    queries = _open_npy(path)
+    targets = _open_npy(Path(source.target_path)) if source.target_path else None
+    ids = _read_ids_file(Path(source.ids_path))
+    return Embeddings.from_arrays(ids, queries, targets, source=str(path))
+
+
+def _open_npy(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode="r")
+    except (ValueError, OSError) as exc:
+        raise InputError(f"cannot read .npy: {exc}", file=str(path)) from exc
+
+
+def _read_ids_file(path: Path) -> np.ndarray:
+    if not path.exists():
+        raise InputError("no such id file", file=str(path))
+    if path.suffix == ".npy":
+        return np.load(path, allow_pickle=False)
+    return np.array(path.read_text().splitlines(), dtype=str)
+
+
+def _parquet_files(path: Path) -> list[Path]:
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*.parquet") if not p.name.startswith("."))
+        if not files:
+            raise InputError("directory holds no .parquet files", file=str(path))
+        return files
+    return [path]
+
+
+def _read_parquet(path: Path, columns: list[str]) -> pa.Table:
+    files = _parquet_files(path)
+    tables = []
+    for f in files:
+        try:
+            schema = pq.read_schema(f)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise InputError(f"not a readable Parquet file: {exc}", file=str(f)) from exc
+        for col in columns:
+            if col not in schema.names:
+                raise InputError("missing column", file=str(f), column=col,
+                                 expected=f"one of the columns {schema.names}")
+        tables.append(pq.read_table(f, columns=columns, memory_map=True))
+    return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+
+
+def _vectors(table: pa.Table, column: str, file: str) -> np.ndarray:
+    """A list<float> / fixed_size_list<float>[d] column as an (n, d) float32 matrix, zero-copy
+    where Arrow allows it."""
+    col = table.column(column).combine_chunks()
+    typ = col.type
+    if pa.types.is_fixed_size_list(typ):
+        d = typ.list_size
+    elif pa.types.is_list(typ) or pa.types.is_large_list(typ):
+        if col.null_count:
+            raise InputError("null embedding", file=file, column=column,
+                             row=int(np.argmax(col.is_null().to_numpy(zero_copy_only=False))))
+        lengths = col.value_lengths().to_numpy()
+        if len(lengths) and (lengths != lengths[0]).any():
+            row = int(np.argmax(lengths != lengths[0]))
+            raise InputError("inconsistent embedding dimension", file=file, column=column, row=row,
+                             expected=f"dimension {int(lengths[0])}", got=f"{int(lengths[row])}")
+        d = int(lengths[0]) if len(lengths) else 0
+    else:
+        raise InputError("embedding column is not a list of floats", file=file, column=column,
+                         expected="list<float32> or fixed_size_list<float32>[d]", got=str(typ))
+    if col.null_count:
+        raise InputError("null embedding", file=file, column=column,
+                         row=int(np.argmax(col.is_null().to_numpy(zero_copy_only=False))))
+    if not pa.types.is_floating(typ.value_type):
+        raise InputError("embedding values are not floats", file=file, column=column,
+                         expected="float32", got=str(typ.value_type))
+    values = col.flatten()
+    if values.null_count:
+        flat = int(np.argmax(values.is_null().to_numpy(zero_copy_only=False)))
+        raise InputError("null value inside an embedding", file=file, column=column,
+                         row=flat // max(d, 1))
+    arr = values.to_numpy(zero_copy_only=False)
+    return arr.reshape(len(col), d) if d else arr.reshape(len(col), 0)
+
+
+def _load_parquet(source: EmbeddingSource) -> Embeddings:
+    path = Path(source.path)
+    columns = [source.id_column, source.column]
+    if source.target_column:
+        columns.append(source.target_column)
+    table = _read_parquet(path, columns)
+    ids_col = table.column(source.id_column)
+    if ids_col.null_count:
+        row = int(np.argmax(ids_col.is_null().to_numpy(zero_copy_only=False)))
+        raise InputError("null id", file=str(path), column=source.id_column, row=row)
+    typ = ids_col.type
+    if not (pa.types.is_integer(typ) or pa.types.is_string(typ) or pa.types.is_large_string(typ)):
+        raise InputError("id column must hold integers or strings", file=str(path),
+                         column=source.id_column, expected="int or string", got=str(typ))
+    ids = ids_col.to_numpy(zero_copy_only=False)
+    queries = _vectors(table, source.column, str(path))
+    targets = None
+    if source.target_column:
+        targets = _vectors(table, source.target_column, str(path))
+    elif source.target_path:
+        ttable = _read_parquet(Path(source.target_path), [source.id_column, source.column])
+        tids = ttable.column(source.id_column).to_numpy(zero_copy_only=False)
+        if len(tids) != len(ids) or (tids != ids).any():
+            row = int(np.argmax(tids != ids)) if len(tids) == len(ids) else min(len(ids), len(tids))
+            raise InputError("target file's ids are not aligned with the query file's",
+                             file=source.target_path, column=source.id_column, row=row)
+        targets = _vectors(ttable, source.column, source.target_path)
+    for name, m in ((source.column, queries), (source.target_column or source.column, targets)):
+        if m is not None and m.shape[1] == 0:
+            raise InputError("empty embedding", file=str(path), column=name,
+                             expected="dimension > 0", got="0")
+    return Embeddings.from_arrays(ids, queries, targets, source=str(path))
+
+
+def check_minimum_rows(emb: Embeddings, batch_size: int) -> None:
+    """A plan needs at least one full batch of examples."""
+    if emb.n_rows < batch_size:
+        raise InputError("too few examples for one full batch", file=emb.source,
+                         expected=f">= batch_size = {batch_size} rows", got=f"{emb.n_rows}")
