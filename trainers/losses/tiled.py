@@ -77,9 +77,11 @@ def block_grad(
     acc = _acc_dtype(qb)
     qa, ka = qb.to(acc), kb.to(acc)
     x = s.to(acc) * (qa @ ka.T)
-    g = a_r[:, None] * torch.exp(x - lse_r[:, None])
+    # +inf LSE for zero weights: their exp is exactly 0, never 0 * inf.
+    inf = torch.tensor(float("inf"), dtype=acc, device=x.device)
+    g = a_r[:, None] * torch.exp(x - torch.where(a_r != 0, lse_r, inf)[:, None])
     if a_c is not None and lse_c is not None:
-        g = g + a_c[None, :] * torch.exp(x - lse_c[None, :])
+        g = g + a_c[None, :] * torch.exp(x - torch.where(a_c != 0, lse_c, inf)[None, :])
     m = tile_mask(x.shape[0], x.shape[1], row_ok, col_ok, q_groups, t_groups, label_rel)
     # where(), not multiply: exp(-inf - -inf) is nan on fully masked rows/columns.
     if m is not None:
