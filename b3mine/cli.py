@@ -22,7 +22,7 @@ from b3mine.errors import B3MineError
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Hard-negative batch mining for contrastive learning (B3).")
 console = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # error lines stay whole for grep and logs
 
 
 def _engines() -> dict[str, Any]:

@@ -86,7 +86,7 @@ class MiningConfig(_Frozen):
         "from the epoch's other batches (flagged as padding)",
     )
     epochs: int = Field(1, ge=1, description="epochs in the plan; batches are re-drawn each epoch")
-    seed: int = 0
+    seed: int = Field(0, ge=0, description="seeds every random choice: same seed, same plan")
     normalize: bool = Field(True, description="L2-normalise embeddings (cosine similarity)")
     neighbours: NeighbourConfig = NeighbourConfig()
     negatives: NegativesConfig = NegativesConfig()

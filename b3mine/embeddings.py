@@ -133,8 +133,9 @@ def _check_unique_ids(ids: np.ndarray, source: str) -> None:
     if (counts > 1).any():
         dup = int(np.argmax(counts > 1))
         later = np.flatnonzero(ids == ids[first[dup]])
-        raise InputError(f"duplicate id {ids[first[dup]]!r}", file=source, row=int(later[1]),
-                         expected="unique ids", got=f"also at row {int(later[0])}")
+        value = ids[first[dup]].item()
+        raise InputError(f"duplicate id {value!r}, first seen at row {int(later[0])}",
+                         file=source, row=int(later[1]), expected="unique ids")
 
 
 def _l2_normalize(m: np.ndarray, source: str, column: str) -> np.ndarray:

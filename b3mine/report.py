@@ -54,6 +54,7 @@ def batch_similarity(
 
 def random_batches(n_rows: int, batch_size: int, n_batches: int, rng: np.random.Generator
                    ) -> np.ndarray:
+    n_batches = min(n_batches, n_rows // batch_size)  # fill policies can outnumber the rows
     order = rng.permutation(n_rows)[: n_batches * batch_size]
     return order.reshape(-1, batch_size)
 
