@@ -95,6 +95,7 @@ def prepare(
     target_groups: Tensor | None,
     acc_dtype: torch.dtype,
     check: bool = True,
+    total_weight: Tensor | None = None,
 ) -> Prepared:
     """Check shapes and build the constant weights alpha/beta of F (see module doc)."""
     if q.ndim != 2 or k.ndim != 2 or q.shape[1] != k.shape[1]:
@@ -120,7 +121,8 @@ def prepare(
         if check and bool((w < 0).any()):
             raise ValueError("query_weight must be >= 0")
         row_ok = w > 0
-    tot = w.sum()
+    # The ring normalises by the weight summed over all ranks.
+    tot = w.sum() if total_weight is None else total_weight.to(acc_dtype)
     if check and float(tot) <= 0:
         raise ValueError("query_weight sums to zero")
     w = w / tot

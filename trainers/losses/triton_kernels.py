@@ -230,11 +230,15 @@ def triton_lse(
         # Offsets (see module doc): never overflow; >= the column's positive logit when possible.
         qn = q.float().norm(dim=1).max() if b else torch.zeros((), device=q.device)
         ub = sf.abs() * qn * k.float().norm(dim=1)
-        pos = sf * (q.float() * k[mask.labels].float()).sum(1)
+        # Labels outside [0, T) mean "positive not in this block" (ring steps).
+        has = (mask.labels >= 0) & (mask.labels < t)
+        lab = mask.labels.clamp(0, max(t - 1, 0))
+        pos = sf * (q.float() * k[lab].float()).sum(1)
         if mask.row_ok is not None:
-            pos = pos.masked_fill(~mask.row_ok, float("-inf"))
+            has = has & mask.row_ok
+        pos = pos.masked_fill(~has, float("-inf"))
         posmax = torch.full((t,), float("-inf"), device=q.device).scatter_reduce(
-            0, mask.labels, pos, reduce="amax")
+            0, lab, pos, reduce="amax")
         off = torch.where(beta != 0, torch.maximum(posmax, ub - _OFFSET_HEADROOM), ub)
         col_off = (off * LOG2E).contiguous()
         col_sum = torch.zeros(t, dtype=torch.float32, device=q.device)
