@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from ._common import as_scale, prepare
 from .reference import naive_contrastive_loss
-from .tiled import TiledLSE
+from .tiled import TiledLSE, cpu_acc_dtype
 
 Impl = Literal["auto", "naive", "tiled", "triton"]
 
@@ -82,7 +82,7 @@ def contrastive_loss(
     ``impl``: "auto" = Triton on CUDA, else the pure-torch tiled path; "naive" = full logits.
     ``scale`` may be a learnable tensor (its gradient is exact); temperature = 1 / scale.
     Gradients flow to q, k and scale. Inputs may be fp32, fp16, bf16 or fp64; accumulation is
-    fp32 (fp64 for fp64 inputs).
+    fp32 on GPU and fp64 in the CPU torch path (exactness there is cheap and scale 100 needs it).
     """
     if impl == "naive":
         return naive_contrastive_loss(
@@ -91,7 +91,7 @@ def contrastive_loss(
         )
     if impl == "auto":
         impl = "triton" if q.is_cuda and triton_available(q.device) else "tiled"
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = cpu_acc_dtype(q) if impl == "tiled" else (torch.float64 if q.dtype == torch.float64 else torch.float32)
     p = prepare(
         q, k, labels, symmetric=symmetric, query_weight=query_weight, target_valid=target_valid,
         query_groups=query_groups, target_groups=target_groups, acc_dtype=acc,
@@ -108,7 +108,8 @@ def contrastive_loss(
     # Positive logits are O(B d): plain autograd handles them (and their share of d scale).
     ps = p.pos_coef
     dots = (q.to(acc) * k[p.labels].to(acc)).sum(1)
-    return lse - s.to(acc) * (ps * dots).sum()
+    out_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return (lse - s.to(acc) * (ps * dots).sum()).to(out_dtype)
 
 
 class TiledContrastiveLoss(nn.Module):

@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ._common import PairMask, as_scale, prepare
-from .tiled import tiled_grad, tiled_lse, weighted_lse_sum
+from .tiled import cpu_acc_dtype, tiled_grad, tiled_lse, weighted_lse_sum
 
 
 class _Ring:
@@ -95,7 +95,8 @@ def _backend(q: Tensor, impl: str) -> tuple[Callable[..., Any], Callable[..., An
         raise ValueError(f"ring supports impl 'auto', 'tiled' or 'triton', not {impl!r}")
 
     def lse_t(q: Tensor, k: Tensor, s: Tensor, m: PairMask, beta: Tensor | None, bq: Any, bk: Any) -> Any:
-        return tiled_lse(q, k, s, m, need_cols=beta is not None, block_q=bq or 1024, block_k=bk or 2048)
+        return tiled_lse(q, k, s, m, need_cols=beta is not None, block_q=bq or 1024, block_k=bk or 2048,
+                         acc=cpu_acc_dtype(q))
 
     def grad_t(q: Tensor, k: Tensor, s: Tensor, ar: Tensor, lr: Tensor, ac: Any, lc: Any, m: PairMask,
                bq: Any, bk: Any) -> Any:
@@ -252,7 +253,7 @@ def ring_contrastive_loss(
     Call it on every rank of ``group`` with the same ``symmetric`` and with either all or no
     ranks passing ``query_groups``/``target_groups``.
     """
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = cpu_acc_dtype(q)
     raw = (torch.ones(q.shape[0], dtype=acc, device=q.device) if query_weight is None
            else query_weight.to(device=q.device, dtype=acc))
     tot = raw.sum()
@@ -269,4 +270,4 @@ def ring_contrastive_loss(
     lse = RingLSE.apply(q, k, s, p.alpha, p.beta, p.mask, meta, group, impl, block_q, block_k)
     dots = (q.to(acc) * k[p.labels].to(acc)).sum(1)
     pos = _AllReduceSum.apply((p.pos_coef * dots).sum(), group)
-    return lse - s.to(acc) * pos
+    return (lse - s.to(acc) * pos).to(torch.float64 if q.dtype == torch.float64 else torch.float32)

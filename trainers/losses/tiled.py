@@ -33,6 +33,12 @@ def _acc_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+def cpu_acc_dtype(t: Tensor) -> torch.dtype:
+    """Accumulation dtype of the torch paths: float64 on CPU (fp32 logits at scale 100 lose
+    ~1e-6 relative in the gradient, float64 tiles meet the 1e-6 target), fp32 elsewhere."""
+    return torch.float64 if t.dtype == torch.float64 or t.device.type == "cpu" else torch.float32
+
+
 def _sl(v: Tensor | None, a: int, b: int) -> Tensor | None:
     return None if v is None else v[a:b]
 
@@ -48,9 +54,10 @@ def block_lse(
     t_groups: Tensor | None = None,
     label_rel: Tensor | None = None,
     need_cols: bool = True,
+    acc: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Row and column LSE of one tile ``s qb kb^T`` (masked pairs excluded): one matmul, both directions."""
-    acc = _acc_dtype(qb)
+    acc = acc or _acc_dtype(qb)
     x = s.to(acc) * (qb.to(acc) @ kb.to(acc).T)
     m = tile_mask(x.shape[0], x.shape[1], row_ok, col_ok, q_groups, t_groups, label_rel)
     if m is not None:
@@ -73,8 +80,10 @@ def block_grad(
     t_groups: Tensor | None = None,
     label_rel: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Unscaled gradients ``(G kb, G^T qb)`` of one recomputed tile (see module doc for G)."""
-    acc = _acc_dtype(qb)
+    """Unscaled gradients ``(G kb, G^T qb)`` of one recomputed tile (see module doc for G).
+
+    Computed in the dtype of ``a_r`` (the caller's accumulation dtype)."""
+    acc = a_r.dtype
     qa, ka = qb.to(acc), kb.to(acc)
     x = s.to(acc) * (qa @ ka.T)
     # +inf LSE for zero weights: their exp is exactly 0, never 0 * inf.
@@ -98,10 +107,11 @@ def tiled_lse(
     need_cols: bool = True,
     block_q: int = 1024,
     block_k: int = 2048,
+    acc: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Row LSEs (B,) and column LSEs (T,) of ``s Q K^T`` in one pass over tiles."""
     b, t = q.shape[0], k.shape[0]
-    acc = _acc_dtype(q)
+    acc = acc or _acc_dtype(q)
     lse_r = torch.full((b,), NEG_INF, dtype=acc, device=q.device)
     lse_c = torch.full((t,), NEG_INF, dtype=acc, device=q.device) if need_cols else None
     mk = mask or PairMask(None, None, None, None, torch.zeros(b, dtype=torch.long, device=q.device))
@@ -113,7 +123,7 @@ def tiled_lse(
             lr, lc = block_lse(
                 q[r0:r1], k[c0:c1], s, row_ok=_sl(mk.row_ok, r0, r1), col_ok=_sl(mk.col_ok, c0, c1),
                 q_groups=_sl(mk.q_groups, r0, r1), t_groups=_sl(mk.t_groups, c0, c1),
-                label_rel=mk.labels[r0:r1] - c0, need_cols=need_cols,
+                label_rel=mk.labels[r0:r1] - c0, need_cols=need_cols, acc=acc,
             )
             run = torch.logaddexp(run, lr)
             if lse_c is not None and lc is not None:
@@ -137,7 +147,7 @@ def tiled_grad(
 ) -> tuple[Tensor, Tensor]:
     """Unscaled ``(G K, G^T Q)`` in the accumulation dtype, recomputing tiles."""
     b, t = q.shape[0], k.shape[0]
-    acc = _acc_dtype(q)
+    acc = a_r.dtype
     dq = torch.zeros(b, q.shape[1], dtype=acc, device=q.device)
     dk = torch.zeros(t, k.shape[1], dtype=acc, device=q.device)
     mk = mask or PairMask(None, None, None, None, torch.zeros(b, dtype=torch.long, device=q.device))
@@ -172,7 +182,8 @@ class TiledLSE(torch.autograd.Function):
         ctx: Any, q: Tensor, k: Tensor, s: Tensor, alpha: Tensor, beta: Tensor | None,
         mask: PairMask, block_q: int, block_k: int,
     ) -> Tensor:
-        lse_r, lse_c = tiled_lse(q, k, s, mask, need_cols=beta is not None, block_q=block_q, block_k=block_k)
+        lse_r, lse_c = tiled_lse(q, k, s, mask, need_cols=beta is not None, block_q=block_q,
+                                 block_k=block_k, acc=alpha.dtype)
         ctx.save_for_backward(q, k, s, alpha, beta, lse_r, lse_c)
         ctx.mask, ctx.blocks = mask, (block_q, block_k)
         return weighted_lse_sum(alpha, lse_r, beta, lse_c)

@@ -86,7 +86,7 @@ def _lse_fwd_kernel(
     HAS_ROW_OK: tl.constexpr, HAS_COL_OK: tl.constexpr, HAS_GROUPS: tl.constexpr,
     LABEL_ON_ROWS: tl.constexpr, DO_COL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -96,6 +96,8 @@ def _lse_fwd_kernel(
     # The A block stays resident for the whole sweep; only B blocks stream.
     a = tl.load(A + rows[:, None].to(tl.int64) * stride_a + offs_d[None, :],
                 mask=rin[:, None] & dmask[None, :], other=0.0)
+    if DOT_F32:  # interpreter only: its bf16 tl.dot is wrong, so feed fp32
+        a = a.to(tl.float32)
     s2 = tl.load(SCALE).to(tl.float32) * 1.4426950408889634  # base-2 logits: exp2 is the fast path
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -104,6 +106,8 @@ def _lse_fwd_kernel(
         cin = cols < n_b
         b = tl.load(Bm + cols[:, None].to(tl.int64) * stride_b + offs_d[None, :],
                     mask=cin[:, None] & dmask[None, :], other=0.0)
+        if DOT_F32:
+            b = b.to(tl.float32)
         x = tl.dot(a, tl.trans(b), input_precision=PRECISION) * s2
         valid = _valid_tile(rows, cols, n_a, n_b, ROW_OK, COL_OK, RG, CG, LAB,
                             HAS_ROW_OK, HAS_COL_OK, HAS_GROUPS, LABEL_ON_ROWS)
@@ -127,7 +131,7 @@ def _lse_bwd_kernel(
     HAS_ROW_OK: tl.constexpr, HAS_COL_OK: tl.constexpr, HAS_GROUPS: tl.constexpr,
     LABEL_ON_ROWS: tl.constexpr, TERM_A: tl.constexpr, TERM_B: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -136,6 +140,8 @@ def _lse_bwd_kernel(
     rin = rows < n_a
     a = tl.load(A + rows[:, None].to(tl.int64) * stride_a + offs_d[None, :],
                 mask=rin[:, None] & dmask[None, :], other=0.0)
+    if DOT_F32:  # interpreter only: its bf16 tl.dot is wrong, so feed fp32
+        a = a.to(tl.float32)
     s2 = tl.load(SCALE).to(tl.float32) * 1.4426950408889634
     if TERM_A:
         lse_a = tl.load(LSE_A + rows, mask=rin, other=0.0)
@@ -146,6 +152,8 @@ def _lse_bwd_kernel(
         cin = cols < n_b
         b = tl.load(Bm + cols[:, None].to(tl.int64) * stride_b + offs_d[None, :],
                     mask=cin[:, None] & dmask[None, :], other=0.0)
+        if DOT_F32:
+            b = b.to(tl.float32)
         x = tl.dot(a, tl.trans(b), input_precision=PRECISION) * s2
         valid = _valid_tile(rows, cols, n_a, n_b, ROW_OK, COL_OK, RG, CG, LAB,
                             HAS_ROW_OK, HAS_COL_OK, HAS_GROUPS, LABEL_ON_ROWS)
@@ -177,6 +185,10 @@ def _configs(d: int, block_q: int | None, block_k: int | None) -> dict[str, Any]
         bm, bn, warps, stages = 64, 64, 8, 2
     return dict(BLOCK_M=block_q or bm, BLOCK_N=block_k or bn, BLOCK_D=bd,
                 num_warps=warps, num_stages=stages)
+
+
+def _dot_f32(dtype: torch.dtype) -> bool:
+    return _interpret() and dtype == torch.bfloat16
 
 
 def _precision(dtype: torch.dtype, precision: str | None) -> str:
@@ -245,7 +257,7 @@ def triton_lse(
     grid = (triton.cdiv(b, cfg["BLOCK_M"]),)
     _lse_fwd_kernel[grid](
         q, k, sf, lse_r, col_sum, col_off, *fwd.ptrs, b, t, d, q.stride(0), k.stride(0),
-        DO_COL=do_col, PRECISION=prec, **fwd.flags, **cfg,
+        DO_COL=do_col, PRECISION=prec, DOT_F32=_dot_f32(q.dtype), **fwd.flags, **cfg,
     )
     lse_r = lse_r * LN2
     lse_c: Tensor | None = None
@@ -262,7 +274,7 @@ def triton_lse(
             lc2 = torch.empty(t, dtype=torch.float32, device=q.device)
             _lse_fwd_kernel[(triton.cdiv(t, cfg["BLOCK_M"]),)](
                 k, q, sf, lc2, col_sum, col_off, *bwd.ptrs, t, b, d, k.stride(0), q.stride(0),
-                DO_COL=False, PRECISION=prec, **bwd.flags, **cfg,
+                DO_COL=False, PRECISION=prec, DOT_F32=_dot_f32(q.dtype), **bwd.flags, **cfg,
             )
             lse_c = lc2 * LN2
     return lse_r, lse_c
@@ -309,12 +321,12 @@ def triton_grad(
     f = _Side(mask, False, dummy)
     _lse_bwd_kernel[(triton.cdiv(b, cfg["BLOCK_M"]),)](
         q, k, sf, lr2, lc2, wr, wc, dq, *f.ptrs, b, t, d, q.stride(0), k.stride(0), dq.stride(0),
-        TERM_A=True, TERM_B=sym, PRECISION=prec, **f.flags, **cfg,
+        TERM_A=True, TERM_B=sym, PRECISION=prec, DOT_F32=_dot_f32(q.dtype), **f.flags, **cfg,
     )
     tr = _Side(mask, True, dummy)
     _lse_bwd_kernel[(triton.cdiv(t, cfg["BLOCK_M"]),)](
         k, q, sf, lc2, lr2, wc, wr, dk, *tr.ptrs, t, b, d, k.stride(0), q.stride(0), dk.stride(0),
-        TERM_A=sym, TERM_B=True, PRECISION=prec, **tr.flags, **cfg,
+        TERM_A=sym, TERM_B=True, PRECISION=prec, DOT_F32=_dot_f32(q.dtype), **tr.flags, **cfg,
     )
     return dq / c, dk / c
 
