@@ -1,0 +1,54 @@
+"""API keys in the ``X-API-Key`` header: 401 without one, 403 with a wrong one.
+
+Keys come from ``Settings.api_keys`` (``B3MINE_API_KEYS``). Writes always need a key — with no
+key configured, writes are refused — and reads need one when ``require_key_for_reads`` is set.
+Every configured key is compared with ``hmac.compare_digest`` (no early exit), so the timing does
+not tell which key, or how much of one, matched.
+"""
+from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Callable
+
+from fastapi import Security
+from fastapi.security import APIKeyHeader
+
+from service.errors import ApiError
+from service.settings import Settings
+
+FIELD = "header.X-API-Key"
+api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False,
+                              description="required for writes, and for reads when configured")
+
+
+def key_ok(given: str, keys: list[bytes]) -> bool:
+    candidate = given.encode("utf-8", "surrogateescape")
+    ok = False
+    for key in keys:
+        ok |= hmac.compare_digest(candidate, key)
+    return ok
+
+
+def make_guards(settings: Settings) -> tuple[Callable[..., Awaitable[None]],
+                                               Callable[..., Awaitable[None]]]:
+    """FastAPI dependencies ``(require_write, require_read)``."""
+    keys = settings.key_values()
+
+    def check(given: str | None) -> None:
+        if not given:
+            raise ApiError(401, "missing X-API-Key header", FIELD,
+                           headers={"WWW-Authenticate": 'ApiKey header="X-API-Key"'})
+        if not keys:
+            raise ApiError(403, "no API keys are configured on this service "
+                           "(B3MINE_API_KEYS): writes are disabled", FIELD)
+        if not key_ok(given, keys):
+            raise ApiError(403, "invalid API key", FIELD)
+
+    async def require_write(key: str | None = Security(api_key_header)) -> None:
+        check(key)
+
+    async def require_read(key: str | None = Security(api_key_header)) -> None:
+        if settings.require_key_for_reads:
+            check(key)
+
+    return require_write, require_read

@@ -1,0 +1,284 @@
+"""The job registry: one SQLite table (stdlib ``sqlite3``, WAL) that survives restarts.
+
+A job is identified by a hash of its dataset reference (plus a stat stamp of the files) and the
+config's digest, so submitting the same request twice finds the same row.
+
+States::
+
+    queued --claim--> running --> succeeded (plan_id)
+       |                 |------> failed (error)
+       |                 '------> cancelled (DELETE, noticed at the next progress callback)
+       '--DELETE--> cancelled
+    failed/cancelled --resubmit--> queued
+
+Restart policy (see ``recover``): a row left ``running`` by a process that is gone is marked
+``failed`` with the reason ``RESTART_REASON``; it is *not* resumed automatically, because a job
+that took the service down (out of memory, say) would otherwise take it down again at every
+start. Submitting the same request again re-queues it. Rows still ``queued`` never started, so
+they are resumed. Writes by a worker are conditional on it still owning the row, so a worker of
+a previous life can never overwrite what recovery decided.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import sqlite3
+import threading
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Literal
+
+JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+STATES: tuple[JobState, ...] = ("queued", "running", "succeeded", "failed", "cancelled")
+FINAL = ("succeeded", "failed", "cancelled")
+RESTART_REASON = "service restarted while running"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id               TEXT PRIMARY KEY,
+    state            TEXT NOT NULL,
+    dataset          TEXT NOT NULL,
+    config           TEXT NOT NULL,
+    engine           TEXT NOT NULL,
+    plan_id          TEXT,
+    stage            TEXT,
+    progress         REAL NOT NULL DEFAULT 0,
+    error            TEXT,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    owner            TEXT,
+    attempts         INTEGER NOT NULL DEFAULT 0,
+    created_at       TEXT NOT NULL,
+    updated_at       TEXT NOT NULL,
+    started_at       TEXT,
+    finished_at      TEXT
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
+"""
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+@dataclass(frozen=True)
+class Job:
+    id: str
+    state: JobState
+    dataset: str  # EmbeddingSource JSON, paths relative to the data root
+    config: str  # MiningConfig canonical JSON
+    engine: str
+    plan_id: str | None
+    stage: str | None
+    progress: float
+    error: str | None
+    cancel_requested: bool
+    owner: str | None
+    attempts: int
+    created_at: str
+    updated_at: str
+    started_at: str | None
+    finished_at: str | None
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> Job:
+        data = dict(row)
+        data["cancel_requested"] = bool(data["cancel_requested"])
+        return cls(**data)
+
+
+def new_owner() -> str:
+    """``host:pid:boot`` — the boot id tells two lives of one pid apart."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+
+
+def owner_is_orphaned(owner: str | None, me: str) -> bool:
+    """True if the process named by ``owner`` can no longer be running the job.
+
+    Sibling uvicorn workers share the database, so a live process on this host with another pid
+    keeps its jobs; everything else (a dead pid, an earlier life of our own pid, another host —
+    SQLite files are not shared across hosts, so that is a recreated container) is orphaned.
+    """
+    if not owner:
+        return True
+    try:
+        host, pid_text, _boot = owner.split(":", 2)
+        pid = int(pid_text)
+    except ValueError:
+        return True
+    my_host, my_pid, _ = me.split(":", 2)
+    if owner == me:
+        return False  # our own, live job
+    if host != my_host:
+        return True
+    if pid == int(my_pid):
+        return True  # same pid, different boot: an earlier life of this process
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, owned by another user
+    return False
+
+
+class Interrupted(Exception):
+    """The worker must stop: the job was cancelled, or this process no longer owns it."""
+
+    def __init__(self, reason: Literal["cancelled", "lost", "shutdown"]) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class JobRegistry:
+    """Thread-safe access to the jobs table. One connection, serialised by a lock (ops are
+    sub-millisecond); WAL lets other processes (sibling workers) read while one writes."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._lock = threading.Lock()
+        self._conn = sqlite3.connect(path, timeout=30, isolation_level=None,
+                                     check_same_thread=False)
+        self._conn.row_factory = sqlite3.Row
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable at checkpoints
+        self._conn.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def _tx(self, fn: Callable[[sqlite3.Connection], object]) -> object:
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(self._conn)
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+            return result
+
+    def ping(self) -> None:
+        with self._lock:
+            self._conn.execute("SELECT 1").fetchone()
+
+    # -- reads -------------------------------------------------------------------------------
+    def get(self, job_id: str) -> Job | None:
+        with self._lock:
+            row = self._conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return Job.from_row(row) if row else None
+
+    def list(self, state: str | None = None, limit: int = 100, offset: int = 0) -> list[Job]:
+        sql, args = "SELECT * FROM jobs", []
+        if state:
+            sql += " WHERE state = ?"
+            args.append(state)
+        sql += " ORDER BY created_at DESC, id LIMIT ? OFFSET ?"
+        with self._lock:
+            rows = self._conn.execute(sql, (*args, limit, offset)).fetchall()
+        return [Job.from_row(r) for r in rows]
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            rows = self._conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
+        out = dict.fromkeys(STATES, 0)
+        out.update({state: n for state, n in rows})
+        return out
+
+    # -- writes ------------------------------------------------------------------------------
+    def submit(self, job_id: str, dataset: str, config: str, engine: str
+               ) -> tuple[Job, Literal["created", "requeued", "existing"]]:
+        """Insert a queued job, re-queue a failed/cancelled one, or return the existing one."""
+        def tx(c: sqlite3.Connection) -> tuple[Job, str]:
+            row = c.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            now = _now()
+            if row is None:
+                c.execute("INSERT INTO jobs (id, state, dataset, config, engine, created_at, "
+                          "updated_at) VALUES (?, 'queued', ?, ?, ?, ?, ?)",
+                          (job_id, dataset, config, engine, now, now))
+                outcome = "created"
+            elif row["state"] in ("failed", "cancelled"):
+                c.execute("UPDATE jobs SET state='queued', engine=?, stage=NULL, progress=0, "
+                          "error=NULL, cancel_requested=0, owner=NULL, plan_id=NULL, "
+                          "updated_at=?, started_at=NULL, finished_at=NULL WHERE id=?",
+                          (engine, now, job_id))
+                outcome = "requeued"
+            else:
+                outcome = "existing"
+            job = Job.from_row(c.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
+            return job, outcome
+
+        return self._tx(tx)  # type: ignore[return-value]
+
+    def claim(self, job_id: str, owner: str) -> Job | None:
+        """queued -> running for ``owner``; None if another worker took it or it was cancelled."""
+        now = _now()
+        with self._lock:
+            cur = self._conn.execute(
+                "UPDATE jobs SET state='running', owner=?, stage=NULL, progress=0, "
+                "attempts=attempts+1, started_at=?, updated_at=? WHERE id=? AND state='queued'",
+                (owner, now, now, job_id))
+            if cur.rowcount != 1:
+                return None
+            row = self._conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return Job.from_row(row)
+
+    def progress(self, job_id: str, owner: str, stage: str, fraction: float) -> None:
+        """Record progress; raise Interrupted if the job was cancelled or is no longer ours."""
+        with self._lock:
+            cur = self._conn.execute(
+                "UPDATE jobs SET stage=?, progress=?, updated_at=? "
+                "WHERE id=? AND owner=? AND state='running'",
+                (stage, float(fraction), _now(), job_id, owner))
+            if cur.rowcount != 1:
+                raise Interrupted("lost")
+            row = self._conn.execute("SELECT cancel_requested FROM jobs WHERE id=?",
+                                     (job_id,)).fetchone()
+        if row and row[0]:
+            raise Interrupted("cancelled")
+
+    def finish(self, job_id: str, owner: str, state: JobState, *, plan_id: str | None = None,
+               error: str | None = None) -> bool:
+        now = _now()
+        with self._lock:
+            cur = self._conn.execute(
+                "UPDATE jobs SET state=?, plan_id=?, error=?, updated_at=?, finished_at=?, "
+                "progress=CASE WHEN ?='succeeded' THEN 1.0 ELSE progress END "
+                "WHERE id=? AND owner=? AND state='running'",
+                (state, plan_id, error, now, now, state, job_id, owner))
+        return cur.rowcount == 1
+
+    def request_cancel(self, job_id: str) -> Job | None:
+        """queued -> cancelled now; running -> flag the worker; final states stay as they are."""
+        def tx(c: sqlite3.Connection) -> Job | None:
+            now = _now()
+            c.execute("UPDATE jobs SET state='cancelled', error='cancelled before it started', "
+                      "updated_at=?, finished_at=? WHERE id=? AND state='queued'",
+                      (now, now, job_id))
+            c.execute("UPDATE jobs SET cancel_requested=1, updated_at=? "
+                      "WHERE id=? AND state='running'", (now, job_id))
+            row = c.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            return Job.from_row(row) if row else None
+
+        return self._tx(tx)  # type: ignore[return-value]
+
+    def recover(self, me: str) -> tuple[list[str], list[str]]:
+        """At start-up: fail the running jobs whose process is gone; return (failed, queued)."""
+        def tx(c: sqlite3.Connection) -> tuple[list[str], list[str]]:
+            now = _now()
+            failed = []
+            for row in c.execute("SELECT id, owner FROM jobs WHERE state='running'").fetchall():
+                if owner_is_orphaned(row["owner"], me):
+                    c.execute("UPDATE jobs SET state='failed', error=?, updated_at=?, "
+                              "finished_at=? WHERE id=? AND state='running'",
+                              (RESTART_REASON, now, now, row["id"]))
+                    failed.append(row["id"])
+            queued = [r[0] for r in c.execute(
+                "SELECT id FROM jobs WHERE state='queued' ORDER BY created_at").fetchall()]
+            return failed, queued
+
+        return self._tx(tx)  # type: ignore[return-value]
