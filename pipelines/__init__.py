@@ -1,0 +1,12 @@
+"""Mining at scale on Dask: the same stages and the same plan as ``b3mine.mining.mine``.
+
+>>> from pipelines import mine                                              # doctest: +SKIP
+>>> plan = mine("corpus.parquet", MiningConfig(), "plans", workers=2)      # LocalCluster
+>>> plan = mine("corpus.parquet", MiningConfig(), "plans", scheduler="tcp://host:8786")
+"""
+from __future__ import annotations
+
+from pipelines.checkpoints import read_progress
+from pipelines.engine import JobResult, StageError, job_id_for, mine, run_job
+
+__all__ = ["JobResult", "StageError", "job_id_for", "mine", "read_progress", "run_job"]

@@ -1,0 +1,75 @@
+"""Which Dask cluster runs the job, and per-worker set-up (FAISS/OpenMP threads).
+
+* ``client=`` given: use it as is (the caller owns it).
+* ``scheduler=`` (or ``$DASK_SCHEDULER_ADDRESS``): connect to an existing cluster; it is left
+  running afterwards.
+* otherwise: start a ``LocalCluster`` of worker *processes* and close it when the job ends.
+
+Dask workers run tasks in threads and default OpenMP to one thread; FAISS would otherwise pick
+its own count per process (all cores on a 64-core host, times the number of workers). The
+``FaissThreads`` plugin pins ``faiss.omp_set_num_threads`` to the worker's thread budget, and
+because plugins are kept by the scheduler, a worker restarted after a crash gets it again.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from distributed import Client, LocalCluster, WorkerPlugin
+
+
+class FaissThreads(WorkerPlugin):
+    """Set FAISS/OpenMP threads on every worker (present and future)."""
+
+    name = "b3mine-faiss-threads"
+
+    def __init__(self, threads: int | None = None) -> None:
+        self.threads = threads
+
+    def setup(self, worker) -> None:  # noqa: ANN001 - distributed.Worker
+        n = self.threads or worker.state.nthreads or 1
+        os.environ["OMP_NUM_THREADS"] = str(n)
+        try:
+            import faiss
+        except ImportError:  # a worker without the mining extra still runs non-FAISS tasks
+            return
+        faiss.omp_set_num_threads(n)
+
+
+def scheduler_address(scheduler: str | None) -> str | None:
+    """The explicit address, else ``$DASK_SCHEDULER_ADDRESS``, else None (start a LocalCluster)."""
+    return scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS") or None
+
+
+@contextmanager
+def connect(
+    *,
+    client: Client | None = None,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    threads_per_worker: int | None = None,
+    faiss_threads: int | None = None,
+    memory_limit: str | float | None = "auto",
+) -> Iterator[Client]:
+    """Yield a Client for the job (see the module doc for which cluster is used)."""
+    plugin = FaissThreads(faiss_threads)
+    if client is not None:
+        client.register_plugin(plugin)
+        yield client
+        return
+    address = scheduler_address(scheduler)
+    if address:
+        with Client(address) as remote:
+            remote.register_plugin(plugin)
+            yield remote
+        return
+    cores = os.cpu_count() or 1
+    n_workers = workers or max(1, min(cores, 4))
+    threads = threads_per_worker or max(1, cores // n_workers)
+    # processes=True: a worker crash (or a SIGKILL) is contained and the nanny restarts it.
+    with LocalCluster(n_workers=n_workers, threads_per_worker=threads, processes=True,
+                      dashboard_address=":0", memory_limit=memory_limit) as cluster, \
+            Client(cluster) as local:
+        local.register_plugin(plugin)
+        yield local

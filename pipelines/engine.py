@@ -1,0 +1,337 @@
+"""The Dask engine: ``b3mine mine --engine dask`` (entry point ``pipelines.engine:mine``).
+
+Same stages, same core functions and same plan id as the in-process ``b3mine.mining.mine``; the
+difference is that the work is cut into Dask tasks and every stage leaves a checkpoint:
+
+    load        one task per input shard (Parquet row groups / .npy row ranges), then one task
+                for the global id checks and the dataset fingerprint
+    neighbours  IVF/HNSW: one task trains/fills the index and saves it; then one task per query
+                block (each worker loads the index once); optional corpus shards merged exactly
+    graph, clusters, batches, negatives, write   one task each, reading the previous checkpoints
+
+Re-running the same job (same inputs and config -> same job id) skips every stage whose marker
+exists, and inside the neighbour stage every block whose part file exists. A worker that dies is
+replaced by its nanny and Dask re-runs its tasks elsewhere; outputs are written under temporary
+names and renamed, and the plan itself by the core's atomic writer, so a crash can never leave a
+partial or mixed plan. A stage that does fail raises ``StageError`` naming it, and leaves the
+checkpoints for the next run.
+
+Test hooks (environment of the process that calls ``mine``, documented in docs/pipeline.md):
+``B3MINE_PIPELINE_FAIL_STAGE=<stage>`` makes that stage's task raise; ``B3MINE_PIPELINE_TASK_DELAY
+=<seconds>`` makes each neighbour block task sleep first.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from distributed import Client, Future, as_completed
+
+from b3mine.config import EmbeddingSource, MiningConfig
+from b3mine.embeddings import Embeddings, check_minimum_rows
+from b3mine.errors import B3MineError
+from b3mine.plan import MANIFEST, BatchPlan, plan_id_for
+from b3mine.progress import ProgressCallback
+
+from pipelines import stages
+from pipelines.checkpoints import PIPELINE_STAGES, ProgressFile, WorkDir, write_json
+from pipelines.cluster import connect
+
+FAIL_ENV = "B3MINE_PIPELINE_FAIL_STAGE"
+DELAY_ENV = "B3MINE_PIPELINE_TASK_DELAY"
+JOB_VERSION = 1
+
+
+class StageError(B3MineError):
+    """A pipeline stage failed; its checkpoints (and all earlier ones) are kept for resume."""
+
+    def __init__(self, stage: str, job_id: str, work: Path, cause: BaseException) -> None:
+        self.stage, self.job_id, self.work, self.cause = stage, job_id, work, cause
+        super().__init__(
+            f"stage {stage!r} failed: {type(cause).__name__}: {cause} "
+            f"(job {job_id}; checkpoints kept in {work}; run the same job again to resume)")
+
+
+@dataclass
+class JobResult:
+    """What a run did: the plan, and for every stage ``ran``, ``skipped`` (checkpoint found) or
+    ``cached`` (the plan already existed)."""
+
+    plan: BatchPlan
+    job_id: str
+    stages: dict[str, str] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _as_source(source: EmbeddingSource | str | Path) -> EmbeddingSource:
+    if isinstance(source, Embeddings):
+        raise TypeError("the Dask engine reads embeddings from files; pass a path or an "
+                        "EmbeddingSource (in-memory Embeddings: use b3mine.mining.mine)")
+    return source if isinstance(source, EmbeddingSource) else EmbeddingSource(path=str(source))
+
+
+def _input_files(source: EmbeddingSource) -> list[Path]:
+    files: list[Path] = []
+    for p in (source.path, source.target_path, source.ids_path):
+        if p is None:
+            continue
+        path = Path(p)
+        files += sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
+    return files
+
+
+def job_id_for(source: EmbeddingSource | str | Path, config: MiningConfig) -> str:
+    """Hash of the config and of the inputs' names, sizes and modification times.
+
+    Cheap (no vector is read), so a re-run finds its work directory before loading anything; a
+    rewritten input file gets a new job. The plan id is still the content hash of the data.
+    """
+    source = _as_source(source)
+    h = hashlib.sha256(f"b3mine-dask-job-v{JOB_VERSION}\0".encode())
+    h.update(config.canonical_json().encode())
+    h.update(source.model_dump_json().encode())
+    for f in _input_files(source):
+        st = f.stat() if f.exists() else None
+        h.update(f"\0{f.resolve()}:{st.st_size if st else -1}:{st.st_mtime_ns if st else -1}"
+                 .encode())
+    return h.hexdigest()[:20]
+
+
+def mine(
+    source: EmbeddingSource | str | Path,
+    config: MiningConfig | None = None,
+    out: str | Path = "plans",
+    *,
+    progress: ProgressCallback | None = None,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    **options: Any,
+) -> BatchPlan:
+    """Mine a plan on Dask; same signature and result as ``b3mine.mining.mine`` (plus cluster
+    options). See ``run_job`` for the options."""
+    return run_job(source, config, out, progress=progress, scheduler=scheduler, workers=workers,
+                   **options).plan
+
+
+def run_job(
+    source: EmbeddingSource | str | Path,
+    config: MiningConfig | None = None,
+    out: str | Path = "plans",
+    *,
+    progress: ProgressCallback | None = None,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    client: Client | None = None,
+    threads_per_worker: int | None = None,
+    shard_rows: int = 262_144,
+    blocks_per_task: int = 1,
+    target_shards: int = 1,
+    keep_work: bool = False,
+    report: bool = True,
+    retries: int = 1,
+) -> JobResult:
+    """Run (or resume) the job and return its plan and what each stage did.
+
+    client / scheduler / workers / threads_per_worker: which cluster (``pipelines.cluster``).
+    shard_rows: rows per load task (row groups are never split).
+    blocks_per_task: ``config.neighbours.block_size`` query blocks per neighbour task.
+    target_shards: split the corpus too (flat index only); per-shard top-k merged exactly.
+    keep_work: keep the work directory after the plan is written (default: remove it).
+    retries: extra attempts of a task that raised (worker deaths are retried by Dask anyway).
+    """
+    config = config or MiningConfig()
+    src = _as_source(source)
+    out = Path(out)
+    job_id = job_id_for(src, config)
+    record = out / ".work" / f"{job_id}.json"
+    cached = _cached_plan(out, record)
+    if cached is not None:
+        return JobResult(plan=cached, job_id=job_id,
+                         stages={s: "cached" for s in PIPELINE_STAGES})
+    if target_shards > 1 and config.neighbours.index != "flat":
+        raise ValueError("target_shards > 1 needs the exact flat index (IVF/HNSW indexes are "
+                         "built once over the whole corpus)")
+    work = WorkDir(out / ".work" / job_id)
+    work.root.mkdir(parents=True, exist_ok=True)
+    work.clean_tmp()
+    job = _Job(work=work, job_id=job_id, config=config, out=out, callback=progress,
+               retries=retries, fail_stage=os.environ.get(FAIL_ENV) or None,
+               delay=float(os.environ.get(DELAY_ENV) or 0.0))
+    with connect(client=client, scheduler=scheduler, workers=workers,
+                 threads_per_worker=threads_per_worker) as dask:
+        job.client = dask
+        result = job.run(src, shard_rows=shard_rows, blocks_per_task=blocks_per_task,
+                         target_shards=target_shards, report=report)
+    write_json(record, {"job_id": job_id, "state": "done", "stage": "write", "fraction": 1.0,
+                        "plan_id": result.plan.plan_id, "plan": str(result.plan.path),
+                        "stages": result.stages, "timings": result.timings,
+                        "updated_at": time.time()})
+    if not keep_work:
+        work.remove()
+    return result
+
+
+def _cached_plan(out: Path, record: Path) -> BatchPlan | None:
+    try:
+        plan_id = json.loads(record.read_text())["plan_id"]
+    except (FileNotFoundError, KeyError, json.JSONDecodeError):
+        return None
+    path = out / plan_id
+    return BatchPlan.open(path) if (path / MANIFEST).is_file() else None
+
+
+@dataclass
+class _Job:
+    work: WorkDir
+    job_id: str
+    config: MiningConfig
+    out: Path
+    callback: ProgressCallback | None
+    retries: int
+    fail_stage: str | None
+    delay: float
+    client: Client | None = None
+    statuses: dict[str, str] = field(default_factory=dict)
+    metas: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.progress_file = ProgressFile(self.work.path("progress.json"), self.job_id)
+
+    # -- plumbing ------------------------------------------------------------------------------
+    @property
+    def root(self) -> str:
+        return str(self.work.root)
+
+    def report(self, stage: str, fraction: float, status: str | None = None) -> None:
+        self.progress_file.update(stage, fraction, status=status)
+        if self.callback is not None:
+            self.callback(stage, fraction)
+
+    def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
+        assert self.client is not None
+        # pure=False: a fresh key per run, so a resumed job never picks up an old erred task.
+        return self.client.submit(fn, *args, pure=False, retries=self.retries, **kwargs)
+
+    def one(self, stage: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run a single-task stage body, failing it on purpose when the test hook says so."""
+        return self.submit(fn, *args, fail=self.fail_stage == stage, **kwargs).result()
+
+    def gather(self, stage: str, futures: list[Future], done: int = 0, total: int | None = None
+               ) -> list[Any]:
+        """Results in completion order, reporting progress as each task finishes."""
+        total = total or len(futures)
+        results = []
+        try:
+            for fut in as_completed(futures):
+                results.append(fut.result())
+                done += 1
+                self.report(stage, done / max(total, 1))
+        except BaseException:
+            for fut in futures:
+                fut.cancel()
+            raise
+        return results
+
+    def stage(self, name: str, body: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        if self.work.is_done(name):
+            self.statuses[name] = "skipped"
+            self.metas[name] = self.work.meta(name)
+            self.report(name, 1.0, status="skipped")
+            return self.metas[name]
+        self.report(name, 0.0, status="running")
+        start = time.perf_counter()
+        try:
+            meta = body()
+        except Exception as exc:
+            self.progress_file.finish("failed", failed_stage=name,
+                                      error=f"{type(exc).__name__}: {exc}")
+            raise StageError(name, self.job_id, self.work.root, exc) from exc
+        meta["seconds"] = round(time.perf_counter() - start, 3)
+        self.work.mark_done(name, meta)
+        self.statuses[name], self.metas[name] = "ran", meta
+        self.report(name, 1.0, status="done")
+        return meta
+
+    # -- the stages --------------------------------------------------------------------------
+    def run(self, source: EmbeddingSource, *, shard_rows: int, blocks_per_task: int,
+            target_shards: int, report: bool) -> JobResult:
+        config = self.config
+        load = self.stage("load", lambda: self._load(source, shard_rows))
+        plan_id = plan_id_for(load["fingerprint"], config)
+        if (self.out / plan_id / MANIFEST).is_file():  # same data mined before (any engine)
+            self.progress_file.finish("done", plan_id=plan_id)
+            return JobResult(plan=BatchPlan.open(self.out / plan_id), job_id=self.job_id,
+                             stages={**self.statuses, **{s: "cached" for s in
+                                                         PIPELINE_STAGES[1:]}})
+        nb = self.stage("neighbours", lambda: self._neighbours(load, blocks_per_task,
+                                                               target_shards))
+        graph = self.stage("graph", lambda: self.one(
+            "graph", stages.graph_task, self.root, config, nb["n_parts"]))
+        clusters = self.stage("clusters", lambda: self.one(
+            "clusters", stages.clusters_task, self.root, config, graph["n_nodes"]))
+        self.stage("batches", lambda: self.one(
+            "batches", stages.batches_task, self.root, config, clusters))
+        self.stage("negatives", lambda: self.one(
+            "negatives", stages.negatives_task, self.root, config, load, nb["n_parts"],
+            clusters))
+        timings = {s: float(self.metas[s]["seconds"]) for s in PIPELINE_STAGES[:-1]}
+        written = self.stage("write", lambda: {"plan": self.one(
+            "write", stages.write_task, self.root, config, str(self.out), self.metas, timings,
+            report=report)})
+        timings["write"] = float(written["seconds"])
+        self.progress_file.finish("done", plan_id=plan_id)
+        return JobResult(plan=BatchPlan.open(written["plan"]), job_id=self.job_id,
+                         stages=dict(self.statuses), timings=timings)
+
+    def _load(self, source: EmbeddingSource, shard_rows: int) -> dict[str, Any]:
+        plan = stages.plan_source(source, shard_rows)
+        # the core's "one full batch" check, before any vector is read
+        check_minimum_rows(Embeddings(ids=np.zeros(0), queries=np.empty((plan.n_rows, 0),
+                                                                         np.float32),
+                                      source=plan.label), self.config.batch_size)
+        stages.allocate_vectors(self.work, plan, self.config.normalize)
+        total = len(plan.shards) + 1
+        futures = [self.submit(stages.load_shard, self.root, plan, a, b, self.config.normalize)
+                   for a, b in plan.shards]
+        self.gather("load", futures, total=total)
+        meta = self.one("load", stages.finish_load, self.root, plan, self.config.normalize)
+        meta["shards"] = len(plan.shards)
+        return meta
+
+    def _neighbours(self, load: dict[str, Any], blocks_per_task: int, target_shards: int
+                    ) -> dict[str, Any]:
+        config, n = self.config, int(load["n_rows"])
+        k = min(config.rank_depth, n)  # as b3mine.neighbours.search: never deeper than the corpus
+        fail = self.fail_stage == "neighbours"
+        if config.neighbours.index in ("ivf", "hnsw") and not self.work.path(stages.INDEX).exists():
+            # one task trains and fills the index; workers then load the saved file once each
+            self.submit(stages.build_ann_index, self.root, config, fail=fail).result()
+            fail = False
+        block = config.neighbours.block_size * max(1, blocks_per_task)
+        parts = [(i, a, min(a + block, n)) for i, a in enumerate(range(0, n, block))]
+        # resume inside the stage: a block whose part file exists is finished
+        todo = [p for p in parts if not stages.part_path(self.work, p[0]).exists()]
+        done = len(parts) - len(todo)
+        if target_shards <= 1:
+            futures = [self.submit(stages.search_block, self.root, config, i, a, b, k,
+                                   self.delay, fail=fail and j == 0)
+                       for j, (i, a, b) in enumerate(todo)]
+        else:
+            edges = np.linspace(0, n, target_shards + 1).astype(int) if n else [0, 0]
+            futures = []
+            for i, a, b in todo:
+                shards = [self.submit(stages.search_corpus_shard, self.root, config, a, b, k,
+                                      int(ts), int(te))
+                          for ts, te in zip(edges[:-1], edges[1:]) if te > ts]
+                futures.append(self.submit(stages.merge_block, self.root, i, k, *shards))
+        self.gather("neighbours", futures, done=done, total=len(parts))
+        return {"n_parts": len(parts), "k": k, "blocks": len(parts),
+                "resumed_blocks": done}
+

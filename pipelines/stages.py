@@ -1,0 +1,591 @@
+"""The tasks Dask runs: each reads its inputs from the work directory and writes its output there.
+
+Tasks never receive or return large objects: the embeddings, the index and the neighbour lists
+travel through the shared work directory (memory-mapped ``.npy`` / Parquet), so a retried task
+on another worker finds everything it needs, and a result does not live only in a worker's
+memory that a crash would lose. Every algorithm is the core's (``b3mine.neighbours``,
+``b3mine.graph``, ``b3mine.mining``); this module only moves data in and out of shards.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import scipy.sparse as sp
+
+from b3mine import clustering
+from b3mine.batches import Batches
+from b3mine.config import EmbeddingSource, MiningConfig
+from b3mine.embeddings import Embeddings, _parquet_files, _read_ids_file, _vectors
+from b3mine.errors import InputError
+from b3mine.mining import (
+    ClusterResult,
+    build_graph,
+    finish_plan,
+    make_batches,
+    make_clusters,
+    make_negatives,
+)
+from b3mine.neighbours import Neighbours, build_index, resolve_device, search_index, torch_search
+
+from pipelines.checkpoints import WorkDir, atomic_path, write_parquet
+
+QUERIES, TARGETS = "queries.npy", "targets.npy"
+RAW_QUERIES, RAW_TARGETS = "raw_queries.npy", "raw_targets.npy"
+INDEX = "index.faiss"
+
+
+class InjectedFailure(RuntimeError):
+    """Raised by a task when the test hook ``B3MINE_PIPELINE_FAIL_STAGE`` names its stage."""
+
+
+def _maybe_fail(stage: str, fail: bool) -> None:
+    if fail:
+        raise InjectedFailure(f"injected failure in stage {stage!r} "
+                              "(B3MINE_PIPELINE_FAIL_STAGE test hook)")
+
+
+# -- reading the input by shard --------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ParquetRows:
+    """A Parquet file set addressed by global row ranges, read one row group at a time."""
+
+    files: tuple[str, ...]
+    group_rows: tuple[tuple[int, ...], ...]  # rows of every row group, per file
+
+    @classmethod
+    def open(cls, path: str | Path, columns: list[str]) -> ParquetRows:
+        files = _parquet_files(Path(path))
+        groups = []
+        for f in files:
+            try:
+                meta = pq.ParquetFile(f)
+            except (pa.ArrowInvalid, OSError) as exc:
+                raise InputError(f"not a readable Parquet file: {exc}", file=str(f)) from exc
+            names = meta.schema_arrow.names
+            for col in columns:
+                if col not in names:
+                    raise InputError("missing column", file=str(f), column=col,
+                                     expected=f"one of the columns {names}")
+            groups.append(tuple(meta.metadata.row_group(g).num_rows
+                                for g in range(meta.num_row_groups)))
+        return cls(tuple(str(f) for f in files), tuple(groups))
+
+    @property
+    def n_rows(self) -> int:
+        return sum(sum(g) for g in self.group_rows)
+
+    def boundaries(self) -> list[int]:
+        """Global row offsets where row groups start (and the end): natural shard edges."""
+        out, offset = [0], 0
+        for groups in self.group_rows:
+            for n in groups:
+                offset += n
+                out.append(offset)
+        return sorted(set(out))
+
+    def read(self, start: int, stop: int, columns: list[str]) -> pa.Table:
+        pieces, offset = [], 0
+        for f, groups in zip(self.files, self.group_rows):
+            pf = None
+            for g, n in enumerate(groups):
+                lo, hi = offset, offset + n
+                offset = hi
+                if hi <= start or lo >= stop:
+                    continue
+                pf = pf or pq.ParquetFile(f, memory_map=True)
+                t = pf.read_row_group(g, columns=columns)
+                a, b = max(start, lo) - lo, min(stop, hi) - lo
+                pieces.append(t.slice(a, b - a))
+        return pa.concat_tables(pieces) if len(pieces) > 1 else pieces[0]
+
+
+@dataclass(frozen=True)
+class SourcePlan:
+    """What the load stage needs to know about the input before reading any vector."""
+
+    source: EmbeddingSource
+    n_rows: int
+    dim: int
+    paired: bool
+    shards: tuple[tuple[int, int], ...]  # global [start, stop) row ranges
+
+    @property
+    def label(self) -> str:
+        return str(Path(self.source.path))  # what load_embeddings records as Embeddings.source
+
+
+def _source_columns(source: EmbeddingSource) -> list[str]:
+    cols = [source.id_column, source.column]
+    return cols + [source.target_column] if source.target_column else cols
+
+
+def plan_source(source: EmbeddingSource, shard_rows: int) -> SourcePlan:
+    """Count rows, find the dimension and cut the input into shards (runs on the client)."""
+    path = Path(source.path)
+    if not path.exists():
+        raise InputError("no such file or directory", file=str(path))
+    paired = bool(source.target_column or source.target_path)
+    if path.suffix == ".npy":
+        if source.ids_path is None:
+            raise InputError(".npy embeddings need an aligned id file (ids_path)", file=str(path))
+        q = np.load(path, mmap_mode="r")
+        n, dim = (q.shape[0], q.shape[1]) if q.ndim == 2 else (q.shape[0], 0)
+        edges = list(range(0, n, shard_rows)) + [n]
+    else:
+        rows = ParquetRows.open(path, _source_columns(source))
+        n = rows.n_rows
+        first = rows.read(0, min(1, n), [source.column]) if n else None
+        dim = len(first.column(0)[0].as_py() or []) if first is not None and first.num_rows else 0
+        edges = _merge_edges(rows.boundaries(), shard_rows)
+    shards = tuple((a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a)
+    return SourcePlan(source=source, n_rows=n, dim=dim, paired=paired, shards=shards)
+
+
+def _merge_edges(boundaries: list[int], shard_rows: int) -> list[int]:
+    """Group consecutive row groups into shards of about ``shard_rows`` rows."""
+    edges = [boundaries[0]]
+    for b in boundaries[1:]:
+        if b - edges[-1] >= shard_rows or b == boundaries[-1]:
+            edges.append(b)
+    return edges
+
+
+def _read_shard(plan: SourcePlan, start: int, stop: int
+                ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray | None]:
+    """ids (Parquet only), queries and targets of rows [start, stop) as read from the input."""
+    src = plan.source
+    path = Path(src.path)
+    if path.suffix == ".npy":
+        q = np.asarray(np.load(path, mmap_mode="r")[start:stop])
+        t = np.asarray(np.load(src.target_path, mmap_mode="r")[start:stop]) \
+            if src.target_path else None
+        return None, q, t
+    rows = ParquetRows.open(path, _source_columns(src))
+    table = rows.read(start, stop, _source_columns(src))
+    ids = table.column(src.id_column).to_numpy(zero_copy_only=False)
+    q = _vectors(table, src.column, str(path))
+    t = None
+    if src.target_column:
+        t = _vectors(table, src.target_column, str(path))
+    elif src.target_path:
+        trows = ParquetRows.open(src.target_path, [src.id_column, src.column])
+        ttable = trows.read(start, stop, [src.id_column, src.column])
+        tids = ttable.column(src.id_column).to_numpy(zero_copy_only=False)
+        if len(tids) != len(ids) or (tids != ids).any():
+            bad = int(np.argmax(tids != ids)) if len(tids) == len(ids) else len(tids)
+            raise InputError("target file's ids are not aligned with the query file's",
+                             file=src.target_path, column=src.id_column, row=start + bad)
+        t = _vectors(ttable, src.column, src.target_path)
+    return ids, q, t
+
+
+def _open_output(work: WorkDir, name: str) -> np.memmap:
+    return np.load(work.path(name), mmap_mode="r+")
+
+
+def allocate_vectors(work: WorkDir, plan: SourcePlan, normalize: bool) -> None:
+    """Create the work directory's ``.npy`` files once, so shard tasks fill disjoint slices."""
+    names = [QUERIES] + ([TARGETS] if plan.paired else [])
+    if normalize:
+        names += [RAW_QUERIES] + ([RAW_TARGETS] if plan.paired else [])
+    for name in names:
+        if not work.path(name).exists():
+            with atomic_path(work.path(name)) as tmp:
+                m = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32,
+                                              shape=(plan.n_rows, plan.dim))
+                del m
+
+
+def load_shard(work_root: str, plan: SourcePlan, start: int, stop: int, normalize: bool) -> int:
+    """Read, validate and (if asked) normalise rows [start, stop) into the work directory.
+
+    Idempotent: a retry rewrites the same slice with the same bytes.
+    """
+    work = WorkDir(work_root)
+    ids, q, t = _read_shard(plan, start, stop)
+    if ids is None:
+        ids = np.arange(start, stop)  # .npy: ids are checked as a whole by finish_load
+    try:
+        emb = Embeddings.from_arrays(ids, q, t, source=plan.label)
+    except InputError as exc:  # report the row in the whole input, not in the shard
+        row = None if exc.row is None else start + exc.row
+        raise InputError(exc.problem, file=exc.file, column=exc.column, row=row,
+                         expected=exc.expected, got=exc.got) from exc
+    if emb.dim != plan.dim:
+        raise InputError("inconsistent embedding dimension", file=plan.label,
+                         column=plan.source.column, row=start,
+                         expected=f"dimension {plan.dim}", got=str(emb.dim))
+    prepared = emb.normalized() if normalize else emb
+    pairs = [(QUERIES, prepared.queries), (TARGETS, prepared.targets)]
+    if normalize:
+        pairs += [(RAW_QUERIES, emb.queries), (RAW_TARGETS, emb.targets)]
+    for name, m in pairs:
+        if m is not None:
+            out = _open_output(work, name)
+            out[start:stop] = m
+            out.flush()
+            del out
+    return stop - start
+
+
+def finish_load(work_root: str, plan: SourcePlan, normalize: bool, fail: bool = False
+                ) -> dict[str, Any]:
+    """All ids at once (global uniqueness), the dataset fingerprint, and ``ids.parquet``."""
+    _maybe_fail("load", fail)
+    work = WorkDir(work_root)
+    src = plan.source
+    if Path(src.path).suffix == ".npy":
+        ids = _read_ids_file(Path(src.ids_path or ""))
+    else:
+        rows = ParquetRows.open(src.path, [src.id_column])
+        table = rows.read(0, plan.n_rows, [src.id_column])
+        col = table.column(src.id_column)
+        if col.null_count:
+            row = int(np.argmax(col.is_null().to_numpy(zero_copy_only=False)))
+            raise InputError("null id", file=plan.label, column=src.id_column, row=row)
+        ids = col.to_numpy(zero_copy_only=False)
+    # from_arrays runs the core's id checks (type, alignment, uniqueness) on the whole input.
+    checked = Embeddings.from_arrays(ids, np.zeros((plan.n_rows, 1), np.float32),
+                                     source=plan.label)
+    raw = work_embeddings(work, checked.ids, plan.label, raw=normalize)
+    fingerprint = raw.fingerprint()  # the core's hash, streamed over memory-mapped rows
+    write_parquet(work.path("ids.parquet"), pa.table({"id": _ids_array(checked.ids)}))
+    return {"fingerprint": fingerprint, "n_rows": plan.n_rows, "dim": plan.dim,
+            "paired": plan.paired, "source": plan.label}
+
+
+def _ids_array(ids: np.ndarray) -> pa.Array:
+    if ids.dtype.kind in "iu":
+        return pa.array(ids.astype(np.int64, copy=False))
+    return pa.array(ids.astype(str).tolist(), type=pa.string())
+
+
+def read_ids(work: WorkDir) -> np.ndarray:
+    ids = pq.read_table(work.path("ids.parquet")).column("id").to_numpy(zero_copy_only=False)
+    return ids.astype(str) if ids.dtype.kind == "O" else ids
+
+
+def work_embeddings(work: WorkDir, ids: np.ndarray, label: str, raw: bool = False) -> Embeddings:
+    """The job's embeddings, memory-mapped from the work directory (already validated)."""
+    qn, tn = (RAW_QUERIES, RAW_TARGETS) if raw else (QUERIES, TARGETS)
+    q = np.load(work.path(qn), mmap_mode="r")
+    t = np.load(work.path(tn), mmap_mode="r") if work.path(tn).exists() else None
+    return Embeddings(ids=ids, queries=q, targets=t, source=label)
+
+
+# -- neighbours --------------------------------------------------------------------------------
+
+class _WorkerCache:
+    """Per-process LRU of loaded indexes, keyed by file path + mtime.
+
+    A worker process loads (or builds) an index once and serves every block task it runs from
+    the same object: the index is never a task argument, so it is never pickled or shipped.
+    """
+
+    def __init__(self, size: int = 2) -> None:
+        self.size = size
+        self._items: OrderedDict[tuple, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple, load: Callable[[], Any]) -> Any:
+        with self._lock:  # worker threads share the process: load once, not once per thread
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+            value = load()
+            self._items[key] = value
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+            return value
+
+
+INDEX_CACHE = _WorkerCache()
+
+
+def _target_matrix_path(work: WorkDir) -> Path:
+    return work.path(TARGETS) if work.path(TARGETS).exists() else work.path(QUERIES)
+
+
+def _uses_torch(config: MiningConfig) -> bool:
+    nb = config.neighbours
+    return nb.index == "torch" or (nb.index == "flat" and resolve_device(nb.device) == "cuda")
+
+
+def build_ann_index(work_root: str, config: MiningConfig, fail: bool = False) -> str:
+    """Train and fill an IVF/HNSW index once (the core's ``build_index``) and save it."""
+    _maybe_fail("neighbours", fail)
+    import faiss
+
+    work = WorkDir(work_root)
+    targets = np.ascontiguousarray(np.load(_target_matrix_path(work), mmap_mode="r"))
+    index = build_index(targets, config.rank_depth, config.neighbours)
+    with atomic_path(work.path(INDEX)) as tmp:
+        faiss.write_index(index, str(tmp))
+    return str(work.path(INDEX))
+
+
+def _worker_index(work: WorkDir, config: MiningConfig, target_range: tuple[int, int] | None):
+    """The index for this job on this worker: flat ones built from the memory-mapped targets
+    (optionally one corpus shard), IVF/HNSW read from the file ``build_ann_index`` wrote."""
+    if config.neighbours.index in ("ivf", "hnsw"):
+        path = work.path(INDEX)
+
+        def load():
+            import faiss
+
+            return faiss.read_index(str(path))
+
+        return INDEX_CACHE.get(("file", str(path), path.stat().st_mtime_ns), load)
+    path = _target_matrix_path(work)
+    a, b = target_range or (0, None)
+
+    def build():
+        m = np.load(path, mmap_mode="r")[a:b]
+        return build_index(np.ascontiguousarray(m), config.rank_depth, config.neighbours)
+
+    return INDEX_CACHE.get(("flat", str(path), path.stat().st_mtime_ns, a, b), build)
+
+
+def part_path(work: WorkDir, part: int) -> Path:
+    return work.path("neighbours") / f"part-{part:06d}.parquet"
+
+
+def _search(work: WorkDir, config: MiningConfig, start: int, stop: int, k: int,
+            target_range: tuple[int, int] | None = None) -> Neighbours:
+    queries = np.load(work.path(QUERIES), mmap_mode="r")[start:stop]
+    if _uses_torch(config):
+        targets = np.load(_target_matrix_path(work), mmap_mode="r")
+        nb = config.neighbours
+        return torch_search(queries, targets, k, nb.block_size, resolve_device(nb.device))
+    index = _worker_index(work, config, target_range)
+    # Blocks of the config's block_size, as in-process: identical inputs to every FAISS call.
+    return search_index(index, queries, k, config.neighbours.block_size)
+
+
+def search_block(work_root: str, config: MiningConfig, part: int, start: int, stop: int,
+                 k: int, delay: float = 0.0, fail: bool = False) -> int:
+    """Top-k of queries [start, stop) against all targets -> ``neighbours/part-<part>.parquet``.
+
+    ``delay`` (seconds) is a test hook (``B3MINE_PIPELINE_TASK_DELAY``) that makes the stage
+    slow enough to kill a worker in the middle of it.
+    """
+    _maybe_fail("neighbours", fail)
+    if delay:
+        time.sleep(delay)
+    work = WorkDir(work_root)
+    found = _search(work, config, start, stop, k)
+    write_neighbours_part(work, part, found, n_targets=_n_targets(work))
+    return stop - start
+
+
+def search_corpus_shard(work_root: str, config: MiningConfig, start: int, stop: int, k: int,
+                        t_start: int, t_stop: int) -> Neighbours:
+    """Top-k of queries [start, stop) within target rows [t_start, t_stop) (global row ids)."""
+    found = _search(WorkDir(work_root), config, start, stop, min(k, t_stop - t_start),
+                    (t_start, t_stop))
+    rows = np.where(found.rows >= 0, found.rows + t_start, -1)
+    return Neighbours(rows=rows, scores=found.scores)
+
+
+def merge_topk(parts: list[Neighbours], k: int) -> Neighbours:
+    """Exact merge of per-corpus-shard top-k lists: score descending, then row ascending.
+
+    Missing results (row -1) sort last. With distinct scores this equals one search over the
+    whole corpus; ties are broken by row id (FAISS's own tie order is not specified).
+    """
+    rows = np.concatenate([p.rows for p in parts], axis=1)
+    scores = np.concatenate([p.scores for p in parts], axis=1)
+    key = np.where(rows >= 0, -scores.astype(np.float64), np.inf)
+    order = np.lexsort((rows, key), axis=1)[:, :k]
+    out_rows = np.take_along_axis(rows, order, axis=1)
+    out_scores = np.take_along_axis(scores, order, axis=1)
+    if out_rows.shape[1] < k:  # fewer targets than k in total
+        pad = k - out_rows.shape[1]
+        out_rows = np.pad(out_rows, ((0, 0), (0, pad)), constant_values=-1)
+        out_scores = np.pad(out_scores, ((0, 0), (0, pad)), constant_values=-np.inf)
+    return Neighbours(rows=out_rows, scores=out_scores.astype(np.float32))
+
+
+def merge_block(work_root: str, part: int, k: int, *parts: Neighbours) -> int:
+    """Merge one query block's corpus-shard results and write its part file."""
+    work = WorkDir(work_root)
+    merged = merge_topk(list(parts), k)
+    write_neighbours_part(work, part, merged, n_targets=_n_targets(work))
+    return merged.rows.shape[0]
+
+
+def _n_targets(work: WorkDir) -> int:
+    return int(np.load(_target_matrix_path(work), mmap_mode="r").shape[0])
+
+
+def write_neighbours_part(work: WorkDir, part: int, found: Neighbours, n_targets: int) -> None:
+    k = found.rows.shape[1]
+    # int32 rows halve the checkpoint when they fit; -1 ("no result") survives the cast.
+    rows = found.rows.astype(np.int32) if n_targets < 2**31 else found.rows
+    table = pa.table({
+        "rows": pa.FixedSizeListArray.from_arrays(pa.array(rows.reshape(-1)), k),
+        "scores": pa.FixedSizeListArray.from_arrays(
+            pa.array(found.scores.reshape(-1), type=pa.float32()), k),
+    })
+    write_parquet(part_path(work, part), table)
+
+
+def read_neighbours(work: WorkDir, n_parts: int, scores: bool = True) -> Neighbours:
+    """Concatenate the part files in order into the (N, k) rank lists."""
+    rows, vals = [], []
+    columns = ["rows", "scores"] if scores else ["rows"]
+    for part in range(n_parts):
+        t = pq.read_table(part_path(work, part), columns=columns)
+        col = t.column("rows").combine_chunks()
+        k = col.type.list_size
+        rows.append(col.flatten().to_numpy().reshape(-1, k).astype(np.int64))
+        if scores:
+            s = t.column("scores").combine_chunks()
+            vals.append(s.flatten().to_numpy().reshape(-1, k))
+    r = np.concatenate(rows) if rows else np.zeros((0, 0), np.int64)
+    s = np.concatenate(vals) if vals else np.zeros(r.shape, np.float32)
+    return Neighbours(rows=r, scores=s)
+
+
+# -- graph, clusters, batches, negatives, plan ------------------------------------------------
+
+def graph_task(work_root: str, config: MiningConfig, n_parts: int, fail: bool = False
+               ) -> dict[str, Any]:
+    """The window graph from the merged rank lists (``b3mine.mining.build_graph``)."""
+    _maybe_fail("graph", fail)
+    work = WorkDir(work_root)
+    neighbours = read_neighbours(work, n_parts, scores=False)
+    graph = build_graph(neighbours, config)
+    del neighbours
+    upper = sp.triu(graph, k=1).tocoo()
+    write_parquet(work.path("graph.parquet"),
+                  pa.table({"src": pa.array(upper.row.astype(np.int64)),
+                            "dst": pa.array(upper.col.astype(np.int64))}))
+    return {"n_nodes": int(graph.shape[0]), "edges": int(graph.nnz // 2)}
+
+
+def read_graph(work: WorkDir, n_nodes: int) -> sp.csr_matrix:
+    """The symmetric CSR graph exactly as ``window_graph`` returned it (int8 ones, sorted)."""
+    t = pq.read_table(work.path("graph.parquet"))
+    src, dst = t.column("src").to_numpy(), t.column("dst").to_numpy()
+    r, c = np.concatenate([src, dst]), np.concatenate([dst, src])
+    g = sp.csr_matrix((np.ones(len(r), np.int8), (r, c)), shape=(n_nodes, n_nodes))
+    g.sort_indices()
+    return g
+
+
+def clusters_task(work_root: str, config: MiningConfig, n_nodes: int, fail: bool = False
+                  ) -> dict[str, Any]:
+    """One task over the whole graph (``b3mine.mining.make_clusters``)."""
+    _maybe_fail("clusters", fail)
+    work = WorkDir(work_root)
+    result = make_clusters(read_graph(work, n_nodes), config)
+    c = result.clusters
+    n_clusters, k = c.members.shape
+    write_parquet(work.path("clusters.parquet"), pa.table({
+        "cluster": pa.array(np.repeat(np.arange(n_clusters, dtype=np.int64), k)),
+        "row": pa.array(c.members.reshape(-1).astype(np.int64)),
+        "padded": pa.array(c.padded.reshape(-1)),
+    }))
+    write_parquet(work.path("dropped.parquet"),
+                  pa.table({"row": pa.array(c.dropped.astype(np.int64))}))
+    write_parquet(work.path("communities.parquet"),
+                  pa.table({"size": pa.array(np.asarray(result.community_sizes, np.int64))}))
+    return {"n_clusters": int(n_clusters), "cluster_size": int(k),
+            "communities": int(c.communities)}
+
+
+def read_clusters(work: WorkDir, meta: dict[str, Any]) -> ClusterResult:
+    t = pq.read_table(work.path("clusters.parquet"))
+    shape = (meta["n_clusters"], meta["cluster_size"])
+    members = t.column("row").to_numpy().reshape(shape)
+    padded = t.column("padded").to_numpy(zero_copy_only=False).reshape(shape)
+    dropped = pq.read_table(work.path("dropped.parquet")).column("row").to_numpy()
+    sizes = pq.read_table(work.path("communities.parquet")).column("size").to_numpy()
+    return ClusterResult(
+        clusters=clustering.Clusters(members=members, padded=padded, dropped=dropped,
+                                     communities=meta["communities"]),
+        community_sizes=sizes)
+
+
+def batches_task(work_root: str, config: MiningConfig, cluster_meta: dict[str, Any],
+                 fail: bool = False) -> dict[str, Any]:
+    """Per-epoch batches (``b3mine.mining.make_batches``)."""
+    _maybe_fail("batches", fail)
+    work = WorkDir(work_root)
+    b = make_batches(read_clusters(work, cluster_meta).clusters, config)
+    write_parquet(work.path("batches.parquet"), pa.table({
+        "row": pa.array(b.rows.reshape(-1)),
+        "cluster": pa.array(b.cluster.reshape(-1)),
+        "padded": pa.array(b.padded.reshape(-1)),
+    }))
+    return {"shape": list(b.rows.shape)}
+
+
+def read_batches(work: WorkDir, meta: dict[str, Any]) -> Batches:
+    t = pq.read_table(work.path("batches.parquet"))
+    shape = tuple(meta["shape"])
+    return Batches(rows=t.column("row").to_numpy().reshape(shape),
+                   cluster=t.column("cluster").to_numpy().reshape(shape),
+                   padded=t.column("padded").to_numpy(zero_copy_only=False).reshape(shape))
+
+
+def negatives_task(work_root: str, config: MiningConfig, load_meta: dict[str, Any],
+                   n_parts: int, cluster_meta: dict[str, Any], fail: bool = False
+                   ) -> dict[str, Any]:
+    """Extra hard negatives (``b3mine.mining.make_negatives``): one task, because HNPS draws
+    from one seeded stream cluster after cluster, which is what makes it reproducible."""
+    _maybe_fail("negatives", fail)
+    work = WorkDir(work_root)
+    if config.negatives.mode == "none":
+        return {"present": False}
+    emb = work_embeddings(work, read_ids(work), load_meta["source"])
+    neighbours = read_neighbours(work, n_parts)
+    clusters = read_clusters(work, cluster_meta).clusters
+    neg = make_negatives(emb, neighbours, clusters, config)
+    assert neg is not None
+    write_parquet(work.path("negatives.parquet"), pa.table({
+        "negative_rows": pa.FixedSizeListArray.from_arrays(pa.array(neg.reshape(-1)),
+                                                           neg.shape[1])}))
+    return {"present": True}
+
+
+def read_negatives(work: WorkDir, meta: dict[str, Any]) -> np.ndarray | None:
+    if not meta.get("present"):
+        return None
+    col = pq.read_table(work.path("negatives.parquet")).column("negative_rows").combine_chunks()
+    return col.flatten().to_numpy().reshape(len(col), col.type.list_size)
+
+
+def write_task(work_root: str, config: MiningConfig, out: str, metas: dict[str, dict[str, Any]],
+               timings: dict[str, float], report: bool = True, fail: bool = False) -> str:
+    """Report and atomic write of the plan (``b3mine.mining.finish_plan``)."""
+    _maybe_fail("write", fail)
+    work = WorkDir(work_root)
+    load = metas["load"]
+    emb = work_embeddings(work, read_ids(work), load["source"])
+    graph = read_graph(work, load["n_rows"])
+    clustered = read_clusters(work, metas["clusters"])
+    batches = read_batches(work, metas["batches"])
+    negatives = read_negatives(work, metas["negatives"])
+    plan = finish_plan(emb, load["fingerprint"], config, graph, clustered, batches, negatives,
+                       out, timings=timings, report=report)
+    return str(plan.path)
+
+
+__all__ = [
+    "ParquetRows", "SourcePlan", "plan_source", "allocate_vectors", "load_shard", "finish_load",
+    "build_ann_index", "search_block", "search_corpus_shard", "merge_topk", "merge_block",
+    "graph_task", "clusters_task", "batches_task", "negatives_task", "write_task",
+    "read_neighbours", "read_graph", "InjectedFailure",
+]

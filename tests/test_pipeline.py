@@ -1,0 +1,260 @@
+"""The Dask engine on a real LocalCluster (worker processes): same plan as in-process, survives a
+killed worker, resumes after a failed stage. Small inputs (2,000 x 32) keep it to ~1 minute."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+pytest.importorskip("distributed")
+pytest.importorskip("faiss")
+
+from distributed import Client, LocalCluster  # noqa: E402
+
+from b3mine.config import MiningConfig, NegativesConfig, NeighbourConfig  # noqa: E402
+from b3mine.graph import window_graph  # noqa: E402
+from b3mine.mining import mine as local_mine  # noqa: E402
+from b3mine.neighbours import search  # noqa: E402
+from b3mine.plan import BatchPlan  # noqa: E402
+from pipelines import read_progress  # noqa: E402
+from pipelines.checkpoints import WorkDir  # noqa: E402
+from pipelines.engine import DELAY_ENV, FAIL_ENV, StageError, job_id_for, run_job  # noqa: E402
+from pipelines.stages import INDEX_CACHE, merge_topk, read_graph  # noqa: E402
+
+from tests.conftest import clustered_vectors  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+PLAN_FILES = ("clusters.parquet", "batches.parquet", "negatives.parquet", "report.json")
+
+
+def _cluster() -> tuple[LocalCluster, Client]:
+    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                           dashboard_address=":0")
+    return cluster, Client(cluster)
+
+
+@pytest.fixture(scope="module")
+def client():
+    cluster, c = _cluster()
+    yield c
+    c.close()
+    cluster.close()
+
+
+def assert_same_plan(a: BatchPlan, b: BatchPlan) -> None:
+    assert a.plan_id == b.plan_id
+    assert a.manifest.counts == b.manifest.counts
+    for name in PLAN_FILES:
+        assert a.manifest.files.get(name) == b.manifest.files.get(name), name
+    for e in range(a.epochs):
+        np.testing.assert_array_equal(a.batch_rows(e), b.batch_rows(e))
+
+
+def test_same_plan_as_in_process(tmp_path, corpus_path, small_config, small_plan, client):
+    result = run_job(corpus_path, small_config, tmp_path, client=client, shard_rows=300)
+    assert set(result.stages.values()) == {"ran"}
+    result.plan.validate()
+    assert_same_plan(small_plan, result.plan)
+    # the work directory is removed, and the job record says where the plan is
+    assert not (tmp_path / ".work" / result.job_id).exists()
+    done = read_progress(tmp_path, result.job_id)
+    assert done["state"] == "done" and done["plan_id"] == result.plan.plan_id
+    # same job again: nothing recomputed
+    again = run_job(corpus_path, small_config, tmp_path, client=client)
+    assert set(again.stages.values()) == {"cached"} and again.plan.path == result.plan.path
+
+
+def test_scheduler_address_and_corpus_shards(tmp_path, corpus_path, small_config, small_plan,
+                                             client):
+    """Connect by address (an existing cluster) and shard the corpus as well as the queries."""
+    address = client.scheduler.address
+    result = run_job(corpus_path, small_config, tmp_path, scheduler=address, target_shards=3)
+    assert_same_plan(small_plan, result.plan)
+
+
+def test_merge_topk_is_exact():
+    x = clustered_vectors(600, 16, 10, seed=3)
+    cfg = NeighbourConfig(index="flat", device="cpu")
+    whole = search(x, x, 25, cfg)
+    parts = []
+    for a, b in ((0, 100), (100, 350), (350, 600)):
+        found = search(x, x[a:b], 25, cfg)
+        parts.append(type(found)(rows=np.where(found.rows >= 0, found.rows + a, -1),
+                                 scores=found.scores))
+    merged = merge_topk(parts, 25)
+    np.testing.assert_array_equal(merged.scores, whole.scores)
+    # rows agree except inside groups of exactly equal scores (float32 ties do happen), and
+    # within a tie the merge orders by row id
+    for i, j in np.argwhere(merged.rows != whole.rows):
+        tie = merged.scores[i] == merged.scores[i, j]
+        assert tie.sum() > 1
+        assert set(merged.rows[i, tie]) == set(whole.rows[i, tie]) or j + tie[j:].sum() >= 25
+        assert (np.diff(merged.rows[i, tie]) > 0).all()
+
+
+def test_graph_checkpoint_round_trip(tmp_path):
+    import pyarrow as pa
+    import scipy.sparse as sp
+
+    from pipelines.checkpoints import write_parquet
+
+    rng = np.random.default_rng(0)
+    g = window_graph(rng.integers(-1, 300, size=(300, 12)), mutual=False)
+    upper = sp.triu(g, k=1).tocoo()
+    work = WorkDir(tmp_path)
+    write_parquet(work.path("graph.parquet"), pa.table({"src": upper.row.astype(np.int64),
+                                                        "dst": upper.col.astype(np.int64)}))
+    back = read_graph(work, 300)
+    assert back.dtype == g.dtype
+    for attr in ("indptr", "indices", "data"):
+        np.testing.assert_array_equal(getattr(back, attr), getattr(g, attr))
+
+
+def _cached_index_files(job_id: str) -> list[tuple]:
+    """(runs on a worker) the index files this worker process holds in its cache"""
+    return [k for k in INDEX_CACHE._items if k[0] == "file" and job_id in k[1]]
+
+
+def test_ivf_index_built_once_and_loaded_once_per_worker(tmp_path, corpus_path, client):
+    cfg = MiningConfig(batch_size=128, cluster_size=16, p=3, m=20, seed=1,
+                       neighbours=NeighbourConfig(index="ivf", nlist=20, nprobe=20,
+                                                  block_size=250))
+    result = run_job(corpus_path, cfg, tmp_path, client=client, keep_work=True)
+    result.plan.validate()
+    work = tmp_path / ".work" / result.job_id
+    assert (work / "index.faiss").is_file()
+    # 8 blocks over 2 workers, one cached index object per worker that searched
+    cached = client.run(_cached_index_files, result.job_id)
+    per_worker = [len(v) for v in cached.values()]
+    assert max(per_worker) == 1 and sum(per_worker) >= 1
+    # nprobe = nlist: IVF is exhaustive here, so the plan is the in-process one
+    assert_same_plan(local_mine(corpus_path, cfg, tmp_path / "local"), result.plan)
+
+
+def test_bad_input_names_the_stage_and_global_row(tmp_path, client):
+    x = clustered_vectors(400, 8, 4, seed=2)
+    x[333, 5] = np.nan
+    path = tmp_path / "bad.parquet"
+    import pyarrow as pa
+
+    table = pa.table({"id": np.arange(400),
+                      "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), 8)})
+    pq.write_table(table, path, row_group_size=100)  # the bad row lies in the 4th shard
+    cfg = MiningConfig(batch_size=32, cluster_size=16, p=1, m=5)
+    with pytest.raises(StageError) as info:
+        run_job(path, cfg, tmp_path / "plans", client=client, shard_rows=100, retries=0)
+    assert info.value.stage == "load"
+    assert "row 333" in str(info.value) and "NaN" in str(info.value)
+
+
+def test_failed_stage_resumes_from_checkpoints(tmp_path, corpus_path, small_config, small_plan,
+                                               client, monkeypatch):
+    monkeypatch.setenv(FAIL_ENV, "clusters")
+    with pytest.raises(StageError) as info:
+        run_job(corpus_path, small_config, tmp_path, client=client, retries=0)
+    assert info.value.stage == "clusters" and "clusters" in str(info.value)
+    job_id = job_id_for(corpus_path, small_config)
+    work = WorkDir(tmp_path / ".work" / job_id)
+    assert [s for s in ("load", "neighbours", "graph", "clusters") if work.is_done(s)] == \
+        ["load", "neighbours", "graph"]
+    assert (work.path("graph.parquet")).is_file()
+    failed = read_progress(tmp_path, job_id)
+    assert failed["state"] == "failed" and failed["failed_stage"] == "clusters"
+    assert not any(p.name != ".work" for p in tmp_path.iterdir())  # no plan, not even partial
+    before = {s: work.marker(s).stat().st_mtime_ns for s in ("load", "neighbours", "graph")}
+
+    monkeypatch.delenv(FAIL_ENV)
+    result = run_job(corpus_path, small_config, tmp_path, client=client, keep_work=True)
+    assert result.stages == {"load": "skipped", "neighbours": "skipped", "graph": "skipped",
+                             "clusters": "ran", "batches": "ran", "negatives": "ran",
+                             "write": "ran"}
+    assert {s: work.marker(s).stat().st_mtime_ns for s in before} == before
+    result.plan.validate()
+    assert_same_plan(small_plan, result.plan)
+
+
+def test_worker_killed_during_neighbours(tmp_path, corpus_path, monkeypatch):
+    """SIGKILL a worker process while neighbour blocks run: Dask re-runs its tasks on the
+    restarted worker and the plan is valid and identical to the in-process one."""
+    cfg = MiningConfig(batch_size=128, cluster_size=16, p=3, m=20, seed=3,
+                       negatives=NegativesConfig(mode="hnips", k=2),
+                       neighbours=NeighbourConfig(block_size=100))  # 20 blocks
+    expected = local_mine(corpus_path, cfg, tmp_path / "local")
+    monkeypatch.setenv(DELAY_ENV, "0.3")  # ~3 s of neighbour stage on 2 workers
+    cluster, client = _cluster()
+    try:
+        pids = client.run(os.getpid)
+        victim = sorted(pids.values())[0]
+        killed: list[float] = []
+
+        def kill_once(stage: str, fraction: float) -> None:
+            if stage == "neighbours" and 0 < fraction < 0.5 and not killed:
+                os.kill(victim, signal.SIGKILL)
+                killed.append(fraction)
+
+        result = run_job(corpus_path, cfg, tmp_path / "dask", client=client, progress=kill_once,
+                         keep_work=True)
+        assert killed, "the neighbour stage finished before a worker could be killed"
+        assert victim not in client.run(os.getpid).values()  # it really died (and was replaced)
+        assert result.stages["neighbours"] == "ran"
+        result.plan.validate()
+        assert_same_plan(expected, result.plan)
+        parts = sorted((tmp_path / "dask" / ".work" / result.job_id / "neighbours").iterdir())
+        assert len(parts) == 20 and all(not p.name.startswith(".") for p in parts)
+    finally:
+        client.close()
+        cluster.close()
+
+
+def test_cli_dask_engine(tmp_path, corpus_path, client):
+    env = {**os.environ, "DASK_SCHEDULER_ADDRESS": client.scheduler.address}
+    cmd = [sys.executable, "-c", "from b3mine.cli import main; main()", "mine",
+           "--embeddings", str(corpus_path), "--out", str(tmp_path), "--batch-size", "128",
+           "--cluster-size", "16", "--p", "3", "--m", "20", "--engine", "dask"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr + done.stdout
+    plans = [p for p in tmp_path.iterdir() if (p / "manifest.json").is_file()]
+    assert len(plans) == 1
+    manifest = json.loads((plans[0] / "manifest.json").read_text())
+    assert manifest["config"]["batch_size"] == 128
+
+    # a failing stage: the CLI names it and exits 2, checkpoints stay
+    env[FAIL_ENV] = "graph"
+    failed = subprocess.run(cmd + ["--seed", "5"], env=env, capture_output=True, text=True,
+                            timeout=240)
+    assert failed.returncode == 2
+    assert "stage 'graph' failed" in failed.stderr.replace("\n", " ")
+
+
+def test_in_memory_embeddings_are_refused(tmp_path):
+    from b3mine.embeddings import Embeddings
+
+    emb = Embeddings.from_arrays(np.arange(4), np.eye(4, dtype=np.float32))
+    with pytest.raises(TypeError, match="reads embeddings from files"):
+        run_job(emb, MiningConfig(batch_size=4, cluster_size=2), tmp_path)
+
+
+def test_paired_npy_input(tmp_path, client):
+    q = clustered_vectors(500, 16, 8, seed=4)
+    t = clustered_vectors(500, 16, 8, seed=4, noise=0.6)
+    np.save(tmp_path / "q.npy", q)
+    np.save(tmp_path / "t.npy", t)
+    (tmp_path / "ids.txt").write_text("\n".join(f"doc-{i}" for i in range(500)))
+    from b3mine.config import EmbeddingSource
+
+    src = EmbeddingSource(path=str(tmp_path / "q.npy"), target_path=str(tmp_path / "t.npy"),
+                          ids_path=str(tmp_path / "ids.txt"))
+    cfg = MiningConfig(batch_size=64, cluster_size=16, p=2, m=10,
+                       negatives=NegativesConfig(mode="hnps", k=2))
+    result = run_job(src, cfg, tmp_path / "dask", client=client, shard_rows=128)
+    result.plan.validate()
+    assert_same_plan(local_mine(src, cfg, tmp_path / "local"), result.plan)
+    assert result.plan.manifest.dataset.paired and result.plan.manifest.dataset.id_type == "string"
