@@ -227,3 +227,12 @@ def test_negatives_need_a_plan_with_negatives(tmp_path, corpus_path):
                 tmp_path, report=False)
     with pytest.raises(ValueError, match="has no extra negatives"):
         PlanBatchSampler(bare, negatives=True)
+
+
+def test_for_accelerator_with_a_prepared_loader(plan, small_plan):
+    accelerate = pytest.importorskip("accelerate")
+    accelerator = accelerate.Accelerator(cpu=True)
+    sampler = PlanBatchSampler.for_accelerator(plan, accelerator, dataset=RowDataset(N_ROWS))
+    loader = accelerator.prepare(DataLoader(RowDataset(N_ROWS), batch_sampler=sampler))
+    loader.set_epoch(1)
+    assert [q.tolist() for q, _ in loader] == small_plan.batch_rows(1).tolist()
