@@ -149,13 +149,16 @@ def test_rank_slices_union_to_the_global_batch(plan, small_plan, world_size):
                      for r in range(world_size)]
 
 
-def test_rank_slice_agrees_with_the_service():
-    sharding = pytest.importorskip("service.sharding")
+def test_rank_slice_is_the_shared_rule(plan):
+    from b3mine import sharding
+
     for b, w in [(128, 1), (128, 2), (128, 4), (96, 3)]:
         for r in range(w):
             assert rank_slice(b, r, w) == sharding.rank_slice(b, r, w)
-    with pytest.raises(ValueError, match="not divisible"):
+    with pytest.raises(ValueError, match="not divisible.*multiple of the number of processes"):
         rank_slice(128, 0, 3)
+    with pytest.raises(ValueError, match="batch_size 128 is not divisible by world_size 3"):
+        PlanBatchSampler(plan, rank=0, world_size=3)
 
 
 def test_interleaved_under_accelerate_sharding_gives_each_process_its_slice(plan, small_plan):

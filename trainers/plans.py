@@ -23,6 +23,8 @@ import pyarrow as pa
 
 from b3mine.errors import B3MineError, PlanError
 from b3mine.plan import BatchPlan, PlanManifest
+from b3mine.sharding import ShardError
+from b3mine.sharding import rank_slice as _rank_slice
 
 #: Columns every epoch table carries (a source may add more, e.g. ``epoch``).
 EPOCH_COLUMNS = ("batch", "position", "row", "id", "cluster", "padded")
@@ -78,23 +80,20 @@ class PlanSource(Protocol):
 def rank_slice(batch_size: int, rank: int, world_size: int) -> slice:
     """Positions of a global batch that ``rank`` of ``world_size`` trains on.
 
-    The same rule as the service's ``?rank=&world_size=``: rank r gets [r*B/w, (r+1)*B/w), so
-    the ranks' slices concatenated in rank order are the mined batch.
+    `b3mine.sharding.rank_slice`, the rule the service's ``?rank=&world_size=`` uses too: rank r
+    gets [r*B/w, (r+1)*B/w), so the ranks' slices concatenated in rank order are the mined batch.
 
     >>> rank_slice(8, 1, 4)
     slice(2, 4, None)
     """
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"rank must lie in [0, world_size); got rank={rank}, "
-                         f"world_size={world_size}")
-    if batch_size % world_size:
-        raise ValueError(
-            f"the plan's batch_size {batch_size} is not divisible by world_size {world_size}: "
-            f"every rank must get an equal slice of each mined batch (mine with a batch_size "
-            f"that is a multiple of the number of processes)"
-        )
-    per = batch_size // world_size
-    return slice(rank * per, (rank + 1) * per)
+    try:
+        return _rank_slice(batch_size, rank, world_size)
+    except ShardError as exc:
+        if exc.field == "world_size" and world_size >= 1:
+            raise ShardError("world_size", f"{exc}: every rank must get an equal slice of each "
+                             f"mined batch (mine with a batch_size that is a multiple of the "
+                             f"number of processes)") from exc
+        raise
 
 
 def check_epoch(source: PlanSource, epoch: int) -> None:
