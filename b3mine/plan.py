@@ -6,7 +6,8 @@ Layout of ``<root>/<plan_id>/``::
     clusters.parquet   cluster:int32, row:int64, id, padded:bool         (sorted by cluster)
     batches.parquet    epoch:int32, batch:int32, position:int32, row:int64, id, cluster:int32,
                        padded:bool                                       (one row group per epoch)
-    negatives.parquet  row:int64, id, negative_rows:list<int64>        (only with extra negatives)
+    negatives.parquet  row:int64, id, negative_rows:list<int64>, negative_ids:list<id>
+                                                                         (only with extra negatives)
     report.json/.png   quality report (hardness vs random batches), when computed
 
 Every batch holds exactly ``batch_size`` rows; ``row`` indexes the embeddings/dataset the plan was
@@ -192,13 +193,18 @@ def _write_tables(tmp: Path, tables: PlanTables) -> None:
     if tables.negatives is not None:
         neg = tables.negatives
         rows = np.unique(c_rows)
-        lists = [r[r >= 0].tolist() for r in neg[rows]]
+        chosen = neg[rows]
+        valid = chosen >= 0
+        offsets = np.concatenate([[0], np.cumsum(valid.sum(axis=1))]).astype(np.int32)
+        flat = chosen[valid]
         pq.write_table(
             pa.table(
                 {
                     "row": pa.array(rows.astype(np.int64)),
                     "id": _ids_array(ids[rows]),
-                    "negative_rows": pa.array(lists, type=pa.list_(pa.int64())),
+                    "negative_rows": pa.ListArray.from_arrays(offsets, pa.array(flat)),
+                    # ids too, so a trainer matching the plan to its dataset by id can use them
+                    "negative_ids": pa.ListArray.from_arrays(offsets, _ids_array(ids[flat])),
                 }
             ),
             tmp / NEGATIVES,
