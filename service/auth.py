@@ -48,7 +48,9 @@ def make_guards(settings: Settings) -> tuple[Callable[..., Awaitable[None]],
         check(key)
 
     async def require_read(key: str | None = Security(api_key_header)) -> None:
-        if settings.require_key_for_reads:
-            check(key)
+        check(key)
 
-    return require_write, require_read
+    async def open_read() -> None:
+        """Reads are public: no security requirement, so the OpenAPI spec says so too."""
+
+    return require_write, (require_read if settings.require_key_for_reads else open_read)

@@ -31,7 +31,7 @@ from service.settings import Settings
 
 log = logging.getLogger("b3mine.service")
 
-#: ``hook(job_id, stage, fraction)`` runs inside every progress callback, before the registry
+#: ``hook(job_id, stage, fraction)`` runs inside every progress callback, after the registry
 #: is updated: instrumentation, and in tests a way to hold a job in ``running``.
 ProgressHook = Callable[[str, str, float], None]
 PROGRESS_INTERVAL_S = 0.25  # at most ~4 registry writes per second per job
@@ -104,15 +104,15 @@ class JobRunner:
         def progress(stage: str, fraction: float) -> None:
             if self._stopping.is_set():
                 raise Interrupted("shutdown")
-            if self.hook is not None:
-                self.hook(job_id, stage, fraction)
-                if self._stopping.is_set():
-                    raise Interrupted("shutdown")
             now = time.monotonic()
             # Throttled: engines may report thousands of times; stage changes always go through.
             if stage != last["stage"] or fraction >= 1.0 or now - last["t"] >= PROGRESS_INTERVAL_S:
                 last["stage"], last["t"] = stage, now
                 self.registry.progress(job_id, self.owner, stage, fraction)
+            if self.hook is not None:
+                self.hook(job_id, stage, fraction)
+                if self._stopping.is_set():
+                    raise Interrupted("shutdown")
 
         return progress
 
