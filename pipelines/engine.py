@@ -200,6 +200,7 @@ class _Job:
     client: Client | None = None
     statuses: dict[str, str] = field(default_factory=dict)
     metas: dict[str, dict[str, Any]] = field(default_factory=dict)
+    _callback_error: BaseException | None = None
 
     def __post_init__(self) -> None:
         self.progress_file = ProgressFile(self.work.path("progress.json"), self.job_id)
@@ -212,7 +213,13 @@ class _Job:
     def report(self, stage: str, fraction: float, status: str | None = None) -> None:
         self.progress_file.update(stage, fraction, status=status)
         if self.callback is not None:
-            self.callback(stage, fraction)
+            try:
+                self.callback(stage, fraction)
+            except BaseException as exc:
+                # The caller's own exception (the service cancels a job by raising from its
+                # callback): it must reach the caller as is, not as a failed stage.
+                self._callback_error = exc
+                raise
 
     def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
         assert self.client is not None
@@ -250,6 +257,9 @@ class _Job:
         try:
             meta = body()
         except Exception as exc:
+            if exc is self._callback_error:
+                self.progress_file.finish("cancelled", failed_stage=name)
+                raise
             self.progress_file.finish("failed", failed_stage=name,
                                       error=f"{type(exc).__name__}: {exc}")
             raise StageError(name, self.job_id, self.work.root, exc) from exc
