@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.sparse as sp
 
 
 @dataclass(frozen=True)
@@ -33,12 +34,63 @@ def epoch_rng(seed: int, epoch: int) -> np.random.Generator:
     return np.random.default_rng([seed, 0xB3, epoch])
 
 
+def cluster_affinity(graph: sp.csr_matrix, members: np.ndarray) -> sp.csr_matrix:
+    """(C, C) counts of graph edges between clusters (diagonal removed)."""
+    n_clusters, k = members.shape
+    rows = members.reshape(-1)
+    cols = np.repeat(np.arange(n_clusters), k)
+    onehot = sp.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)),
+                           shape=(graph.shape[0], n_clusters))
+    onehot.data[:] = 1  # a padded repeat counts once
+    aff = (onehot.T @ graph.astype(np.float32) @ onehot).tocsr()
+    aff.setdiag(0)
+    aff.eliminate_zeros()
+    return aff
+
+
+def affinity_permutation(affinity: sp.csr_matrix, clusters_per_batch: int,
+                         rng: np.random.Generator) -> np.ndarray:
+    """A cluster order whose consecutive runs of C clusters share many graph edges.
+
+    Greedy and seeded: visit clusters in random order; each unassigned one starts a group and
+    takes its most-connected unassigned neighbours (random tie-break). Groups that stay short
+    are pooled at the end. A new seed per epoch gives new groups.
+    """
+    n = affinity.shape[0]
+    free = np.ones(n, bool)
+    groups: list[np.ndarray] = []
+    short: list[int] = []
+    jitter = rng.random(n)  # tie-break among equally connected neighbours
+    for s in rng.permutation(n):
+        if not free[s]:
+            continue
+        free[s] = False
+        lo, hi = affinity.indptr[s], affinity.indptr[s + 1]
+        nbr, w = affinity.indices[lo:hi], affinity.data[lo:hi]
+        ok = free[nbr]
+        nbr, w = nbr[ok], w[ok]
+        take = nbr[np.lexsort((jitter[nbr], -w))][: clusters_per_batch - 1]
+        free[take] = False
+        group = np.concatenate([[s], take])
+        if len(group) == clusters_per_batch:
+            groups.append(group)
+        else:
+            short.extend(group.tolist())
+    rng.shuffle(groups)
+    rest = np.array(short, dtype=np.int64)
+    return np.concatenate(groups + [rest]) if groups else rest
+
+
 def epoch_cluster_order(
-    n_clusters: int, clusters_per_batch: int, seed: int, epoch: int, last_batch: str
+    n_clusters: int, clusters_per_batch: int, seed: int, epoch: int, last_batch: str,
+    affinity: sp.csr_matrix | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Cluster ids of each batch position group, (nb, C), and which of them are fill-ins."""
     rng = epoch_rng(seed, epoch)
-    order = rng.permutation(n_clusters)
+    if affinity is None:
+        order = rng.permutation(n_clusters)
+    else:
+        order = affinity_permutation(affinity, clusters_per_batch, rng)
     full, rest = divmod(n_clusters, clusters_per_batch)
     if last_batch == "fill" and rest:
         used = order[: full * clusters_per_batch]
@@ -64,13 +116,19 @@ def assemble_batches(
     epochs: int,
     seed: int,
     last_batch: str,
+    affinity: sp.csr_matrix | None = None,
 ) -> Batches:
-    """Group clusters into batches for each epoch (see module doc)."""
+    """Group clusters into batches for each epoch (see module doc).
+
+    With ``affinity`` (from :func:`cluster_affinity`), a batch is filled with clusters that share
+    graph edges instead of random ones: harder batches, still re-drawn every epoch.
+    """
     n_clusters, k = members.shape
     if batch_size % k:
         raise ValueError(f"batch_size {batch_size} is not a multiple of cluster size {k}")
     cpb = batch_size // k
-    orders = [epoch_cluster_order(n_clusters, cpb, seed, e, last_batch) for e in range(epochs)]
+    orders = [epoch_cluster_order(n_clusters, cpb, seed, e, last_batch, affinity)
+              for e in range(epochs)]
     nb = orders[0][0].shape[0] if orders else 0
     rows = np.empty((epochs, nb, batch_size), np.int64)
     cluster = np.empty((epochs, nb, batch_size), np.int32)

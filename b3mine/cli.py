@@ -69,6 +69,7 @@ def mine(
     seed: Optional[int] = None,
     remainder: Annotated[Optional[str], typer.Option(help="drop | fill")] = None,
     last_batch: Annotated[Optional[str], typer.Option(help="drop | fill")] = None,
+    batch_grouping: Annotated[Optional[str], typer.Option(help="random | affinity")] = None,
     engine: Annotated[str, typer.Option(help="local | dask")] = "local",
     scheduler: Annotated[Optional[str], typer.Option(
         help="dask scheduler address (default: $DASK_SCHEDULER_ADDRESS or a LocalCluster)")] = None,
@@ -78,7 +79,8 @@ def mine(
     base = MiningConfig.from_file(config_file) if config_file else MiningConfig()
     top = {k: v for k, v in dict(batch_size=batch_size, cluster_size=cluster_size, p=p, m=m,
                                  algorithm=algorithm, graph=graph, epochs=epochs, seed=seed,
-                                 remainder=remainder, last_batch=last_batch).items()
+                                 remainder=remainder, last_batch=last_batch,
+                                 batch_grouping=batch_grouping).items()
            if v is not None}
     nb = {k: v for k, v in dict(index=index, nprobe=nprobe).items() if v is not None}
     ng = {k: v for k, v in dict(mode=negatives, k=k_neg).items() if v is not None}
@@ -164,10 +166,12 @@ def demo(
 
     console.print("[bold]demo corpus[/bold]: Python standard-library docstrings, "
                   "teacher all-MiniLM-L6-v2 (packaged, offline)")
-    path = demo_embeddings(max_pairs=max_pairs)
+    path = demo_embeddings(**({"max_pairs": max_pairs} if max_pairs else {}))
     console.print(f"embeddings: {path}")
+    # A 4k-pair corpus: skip fewer ranks than B3's p=30 (tuned for millions), and fill each
+    # batch with linked clusters (batch_grouping="affinity") rather than random ones.
     config = MiningConfig(batch_size=batch_size, cluster_size=cluster_size, algorithm=algorithm,
-                          seed=seed, p=30, m=100,
+                          seed=seed, p=10, m=100, batch_grouping="affinity",
                           negatives=NegativesConfig(mode="hnps"))
     source = EmbeddingSource(path=str(path), column="query_embedding",
                              target_column="target_embedding")

@@ -85,6 +85,11 @@ class MiningConfig(_Frozen):
         description="an epoch's incomplete last batch: drop it, or fill it with random clusters "
         "from the epoch's other batches (flagged as padding)",
     )
+    batch_grouping: Literal["random", "affinity"] = Field(
+        "random",
+        description="which clusters share a batch: random (B3), or clusters linked by many "
+        "graph edges (harder batches); re-drawn each epoch either way",
+    )
     epochs: int = Field(1, ge=1, description="epochs in the plan; batches are re-drawn each epoch")
     seed: int = Field(0, ge=0, description="seeds every random choice: same seed, same plan")
     normalize: bool = Field(True, description="L2-normalise embeddings (cosine similarity)")

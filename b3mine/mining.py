@@ -19,7 +19,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from b3mine import clustering
-from b3mine.batches import Batches, assemble_batches
+from b3mine.batches import Batches, assemble_batches, cluster_affinity
 from b3mine.config import EmbeddingSource, MiningConfig
 from b3mine.embeddings import Embeddings, check_minimum_rows, load_embeddings
 from b3mine.graph import degree_stats, window_graph
@@ -68,9 +68,16 @@ def make_clusters(graph: sp.csr_matrix, config: MiningConfig) -> ClusterResult:
     return ClusterResult(clusters=clusters, community_sizes=sizes)
 
 
-def make_batches(clusters: clustering.Clusters, config: MiningConfig) -> Batches:
+def make_batches(clusters: clustering.Clusters, config: MiningConfig,
+                 graph: sp.csr_matrix | None = None) -> Batches:
+    affinity = None
+    if config.batch_grouping == "affinity":
+        if graph is None:
+            raise ValueError("batch_grouping='affinity' needs the graph")
+        affinity = cluster_affinity(graph, clusters.members)
     return assemble_batches(clusters.members, clusters.padded, batch_size=config.batch_size,
-                            epochs=config.epochs, seed=config.seed, last_batch=config.last_batch)
+                            epochs=config.epochs, seed=config.seed, last_batch=config.last_batch,
+                            affinity=affinity)
 
 
 def make_negatives(emb: Embeddings, neighbours: Neighbours, clusters: clustering.Clusters,
@@ -147,7 +154,7 @@ def mine(
     with _timed(timings, "clusters"), stage_progress(progress, "clusters", 1):
         clustered = make_clusters(graph, config)
     with _timed(timings, "batches"), stage_progress(progress, "batches", 1):
-        batches = make_batches(clustered.clusters, config)
+        batches = make_batches(clustered.clusters, config, graph)
     with _timed(timings, "negatives"):
         negatives = make_negatives(emb, neighbours, clustered.clusters, config, progress)
     return finish_plan(emb, fingerprint, config, graph, clustered, batches, negatives, out,
@@ -178,7 +185,10 @@ def finish_plan(
             rep = quality_report(emb.queries, emb.target_matrix, batches.rows[0],
                                  clustered.community_sizes, seed=config.seed)
             extra["report.json"] = report_json(rep).encode()
-            extra["report.png"] = report_png(rep, title=f"{emb.source}")
+            extra["report.png"] = report_png(rep, title=(
+                f"{Path(emb.source).name}: {emb.n_rows:,} rows, {config.algorithm}, "
+                f"K={config.cluster_size}, B={config.batch_size}, p={config.p}, m={config.m}, "
+                f"{config.batch_grouping} grouping"))
             stats["quality"] = {k: rep[k] for k in ("mean_similarity_ratio",
                                                     "mean_similarity_gain",
                                                     "above_positive_ratio")}

@@ -123,6 +123,30 @@ def test_batches_deterministic_per_seed_and_epoch_independent():
     assert not np.array_equal(a.rows[0], c.rows[0])
 
 
+def test_affinity_grouping_puts_linked_clusters_together(tmp_path):
+    from b3mine.batches import affinity_permutation, cluster_affinity
+    from b3mine.mining import build_graph, compute_neighbours, make_clusters, prepare
+
+    x = clustered_vectors(1600, 16, 10, seed=4, noise=0.7)
+    emb = Embeddings.from_arrays(np.arange(1600), x)
+    cfg = MiningConfig(batch_size=64, cluster_size=8, p=2, m=20)
+    graph = build_graph(compute_neighbours(prepare(emb, cfg), cfg), cfg)
+    members = make_clusters(graph, cfg).clusters.members
+    aff = cluster_affinity(graph, members)
+    assert (aff != aff.T).nnz == 0 and aff.diagonal().sum() == 0
+    rng = np.random.default_rng(0)
+    order = affinity_permutation(aff, 8, rng)
+    assert sorted(order.tolist()) == list(range(len(members)))  # a permutation
+
+    def linked(order: np.ndarray) -> float:
+        groups = order[: len(order) // 8 * 8].reshape(-1, 8)
+        return float(np.mean([aff[g][:, g].sum() for g in groups]))
+
+    assert linked(order) > 3 * linked(rng.permutation(len(members)))
+    a = affinity_permutation(aff, 8, np.random.default_rng(1))
+    assert not np.array_equal(a, order)  # re-drawn with the epoch's seed
+
+
 def test_failed_write_leaves_no_plan(tmp_path, corpus_path, small_config, monkeypatch):
     import b3mine.plan as plan_mod
 
@@ -188,17 +212,18 @@ def test_manifest_is_self_describing(small_plan, small_config):
     last_batch=st.sampled_from(["drop", "fill"]),
     algorithm=st.sampled_from(["metis", "igraph-louvain", "leiden"]),
     graph=st.sampled_from(["mutual", "symmetric"]),
+    grouping=st.sampled_from(["random", "affinity"]),
     seed=st.integers(0, 2**16),
 )
 def test_plan_invariants_property(n, k, cpb, epochs, remainder, last_batch, algorithm, graph,
-                                  seed):
+                                  grouping, seed):
     batch = k * cpb
     if n < batch:
         return
     x = clustered_vectors(n, 6, 5, seed=seed)
     cfg = MiningConfig(batch_size=batch, cluster_size=k, p=1, m=8, epochs=epochs,
                        remainder=remainder, last_batch=last_batch, algorithm=algorithm,
-                       graph=graph, seed=seed)
+                       graph=graph, batch_grouping=grouping, seed=seed)
     with tempfile.TemporaryDirectory() as out:
         plan = mine(Embeddings.from_arrays(np.arange(n) * 3, x), cfg, out, report=False)
         plan.validate()
