@@ -18,7 +18,7 @@ from service.errors import ApiError, error_responses
 from service.models import BatchPage, PlanDetail, PlanList, PlanSummary, RankBatch
 from service.plans import (ARROW_STREAM, EpochView, dumps, etag, etag_matches,
                            json_page_chunks)
-from service.sharding import ShardError, rank_slice
+from b3mine.sharding import ShardError, rank_slice
 
 MAX_INT = 2**31 - 1
 ARROW_DOC = {ARROW_STREAM: {"schema": {"type": "string", "format": "binary"}}}
@@ -160,7 +160,7 @@ def router(ctx: Context) -> APIRouter:
         if_none_match: str | None = Header(None),
     ) -> Response:
         """One batch with its extra hard negatives; with ``rank`` and ``world_size``, only the
-        positions ``[rank*B/world_size, (rank+1)*B/world_size)`` (``service.sharding``)."""
+        positions ``[rank*B/world_size, (rank+1)*B/world_size)`` (``b3mine.sharding``)."""
         plan = store.plan(plan_id)
         store.check_epoch(plan, epoch)
         if not batch < plan.batches_per_epoch:

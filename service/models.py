@@ -100,6 +100,8 @@ class BatchOut(BaseModel):
     negatives: list[list[int]] | None = Field(
         None, description="extra hard-negative rows of each position (only when the plan has "
         "them)")
+    negative_ids: list[list[int]] | list[list[str]] | None = Field(
+        None, description="dataset ids of those negatives, aligned with negatives")
 
 
 class BatchPage(BaseModel):

@@ -34,7 +34,7 @@ from b3mine.plan import MANIFEST, BatchPlan
 from service.errors import ApiError
 
 ARROW_STREAM = "application/vnd.apache.arrow.stream"
-SERVE_FORMAT = "v1"  # bump when the served representation changes: it is part of every ETag
+SERVE_FORMAT = "v2"  # bump when the served representation changes: it is part of every ETag
 CHUNK_ROWS = 65_536  # rows per Arrow record batch in the cache file and in the stream
 _PLAN_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 _EOS = b"\xff\xff\xff\xff\x00\x00\x00\x00"  # Arrow IPC end-of-stream marker
@@ -143,6 +143,7 @@ def columns_to_dict(part: pa.Table, batch: int) -> dict[str, Any]:
     }
     if "negatives" in part.column_names:
         out["negatives"] = _list_column(part.column("negatives"))
+        out["negative_ids"] = part.column("negative_ids").to_pylist()
     return out
 
 
@@ -217,7 +218,8 @@ class PlanStore:
         table = plan.epoch_table(epoch).drop_columns(["epoch"])
         negatives = plan.negatives_table()
         if negatives is not None:
-            table = table.append_column("negatives", _gather_negatives(negatives, table))
+            for name, column in _gather_negatives(negatives, table).items():
+                table = table.append_column(name, column)
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
         try:
             with pa.OSFile(str(tmp), "wb") as sink, ipc.new_file(sink, table.schema) as writer:
@@ -229,8 +231,9 @@ class PlanStore:
         return path
 
 
-def _gather_negatives(negatives: pa.Table, epoch: pa.Table) -> pa.ChunkedArray:
-    """The ``negative_rows`` list of each epoch row (null for rows without an entry)."""
+def _gather_negatives(negatives: pa.Table, epoch: pa.Table) -> dict[str, pa.ChunkedArray]:
+    """The ``negatives`` (rows) and ``negative_ids`` lists of each epoch row (null for rows
+    without an entry)."""
     neg_rows = negatives.column("row").to_numpy()
     order = np.argsort(neg_rows, kind="stable")
     sorted_rows = neg_rows[order]
@@ -239,9 +242,12 @@ def _gather_negatives(negatives: pa.Table, epoch: pa.Table) -> pa.ChunkedArray:
     found = sorted_rows[pos] == rows if len(sorted_rows) else np.zeros(len(rows), bool)
     idx = pa.array(order[pos], mask=~found) if len(sorted_rows) else pa.nulls(len(rows),
                                                                              pa.int64())
-    lists = negatives.column("negative_rows").combine_chunks()
-    return pa.chunked_array([lists.take(idx)]) if len(rows) else pa.chunked_array(
-        [], type=lists.type)
+    out = {}
+    for served, stored in (("negatives", "negative_rows"), ("negative_ids", "negative_ids")):
+        lists = negatives.column(stored).combine_chunks()
+        out[served] = (pa.chunked_array([lists.take(idx)]) if len(rows)
+                       else pa.chunked_array([], type=lists.type))
+    return out
 
 
 def dumps(obj: Any) -> bytes:

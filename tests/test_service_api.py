@@ -18,7 +18,7 @@ from service.app import create_app
 from service.jobs import JobRegistry, owner_is_orphaned
 from service.plans import ARROW_STREAM
 from service.settings import Settings
-from service.sharding import ShardError, rank_slice
+from b3mine.sharding import ShardError, rank_slice
 from service.testing import populate_data_root
 
 KEY = "k-" + "x" * 30

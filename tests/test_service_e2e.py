@@ -90,6 +90,8 @@ def test_mine_then_read_back(settings: Settings) -> None:
             assert sum((b["padded"] for b in batches), []) == expect.column("padded").to_pylist()
             negs = sum((b["negatives"] for b in batches), [])
             assert negs == plan.negatives_for(rows.reshape(-1))
+            neg_ids = sum((b["negative_ids"] for b in batches), [])
+            assert neg_ids == [[r + 1000 for r in n] for n in negs]  # conftest ids = row + 1000
             # Arrow: the whole epoch in one stream, and a page of it
             r = c.get(f"/v1/plans/{pid}/epochs/{epoch}/batches",
                       headers={"Accept": ARROW_STREAM})
@@ -98,6 +100,7 @@ def test_mine_then_read_back(settings: Settings) -> None:
             cols = ["batch", "position", "row", "id", "cluster", "padded"]
             assert table.select(cols).equals(expect.select(cols))
             assert table.column("negatives").to_pylist() == negs
+            assert table.column("negative_ids").to_pylist() == neg_ids
             r = c.get(f"/v1/plans/{pid}/epochs/{epoch}/batches", params={"start": 2, "limit": 3},
                       headers={"Accept": ARROW_STREAM})
             part = pa.ipc.open_stream(r.content).read_all()

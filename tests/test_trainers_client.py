@@ -105,6 +105,8 @@ def test_client_serves_the_same_plan_as_the_directory(server, small_plan):
         client.epoch_table(0)
         assert client.stats["requests"] == 1 + local.epochs  # memory cache: no new request
 
+        for e, k in ((0, 0), (1, local.batches_per_epoch - 1)):
+            assert client.batch_negatives(e, k).equals(local.batch_negatives(e, k))
         for kwargs in ({}, {"negatives": True, "rank": 1, "world_size": 2}):
             assert list(PlanBatchSampler(client, **kwargs)) == list(
                 PlanBatchSampler(local, **kwargs))

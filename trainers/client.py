@@ -356,15 +356,9 @@ class PlanClient:
         lists = part.column("negatives").combine_chunks()
         lengths = lists.value_lengths().fill_null(0).to_numpy(zero_copy_only=False)
         neg_rows = lists.flatten().to_numpy()
-        # The stream names negatives by row only; ids come from the rows this epoch holds
-        # (a negative outside every batch of the epoch gets a null id).
-        rows = table.column("row").to_numpy()
-        order = np.argsort(rows, kind="stable")
-        pos = np.searchsorted(rows[order], neg_rows).clip(0, max(len(rows) - 1, 0))
-        found = rows[order][pos] == neg_rows if len(rows) else np.zeros(len(neg_rows), bool)
-        ids = table.column("id").take(pa.array(order[pos], mask=~found))
+        ids = part.column("negative_ids").combine_chunks().flatten()
         return pa.table({
             "position": pa.array(np.repeat(np.arange(b, dtype=np.int32), lengths)),
             "row": pa.array(neg_rows, pa.int64()),
-            "id": ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids,
+            "id": ids,
         })

@@ -200,12 +200,9 @@ class LocalPlan:
             if table is not None:
                 rows = table.column("row").to_pylist()
                 lists = dict(zip(rows, table.column("negative_rows").to_pylist()))
-                id_of = dict(zip(rows, table.column("id").to_pylist()))
-                # Negative rows need not be clustered rows; the clusters table names the ids of
-                # every clustered row, which covers most of them.
-                clusters = self._plan.clusters_table()
-                id_of.update(zip(clusters.column("row").to_pylist(),
-                                 clusters.column("id").to_pylist()))
+                for negs, neg_ids in zip(table.column("negative_rows").to_pylist(),
+                                         table.column("negative_ids").to_pylist()):
+                    id_of.update(zip(negs, neg_ids))
             self._negatives = (lists, id_of)
         return self._negatives
 
