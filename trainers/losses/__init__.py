@@ -175,3 +175,9 @@ def ring_contrastive_loss(*args, **kwargs):  # type: ignore[no-untyped-def]
     from .ring import ring_contrastive_loss as f
 
     return f(*args, **kwargs)
+
+# Global contrastive losses with per-example state (docs/methods.md).
+from .em import GradientBiasEMLoss  # noqa: E402
+from .sogclr import ISogCLRLoss, SogCLRLoss, cosine_gamma  # noqa: E402
+
+__all__ += ["SogCLRLoss", "ISogCLRLoss", "cosine_gamma", "GradientBiasEMLoss"]
