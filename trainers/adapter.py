@@ -1,4 +1,4 @@
-"""Three-phase adapter training (Tian 2025, ``/work/shared/ALGORITHMS.md`` section 6), as library steps.
+"""Three-phase adapter training as library steps (Tian 2025; ALGORITHMS.md section 6).
 
 A model is ``adapter(backbone(x))`` with a small adapter (e.g. a linear or 2-layer head):
 
@@ -66,7 +66,8 @@ PHASES = {1: "cotrain", 2: "adapt", 3: "transfer"}
 class AdapterModel(nn.Module):
     """``adapter(encode(backbone, inputs))``: the full model of phase 1 and of inference."""
 
-    def __init__(self, backbone: nn.Module, adapter: nn.Module, *, encode: Encode | None = None) -> None:
+    def __init__(self, backbone: nn.Module, adapter: nn.Module, *,
+                 encode: Encode | None = None) -> None:
         super().__init__()
         self.backbone = backbone
         self.adapter = adapter
@@ -283,12 +284,14 @@ class PhaseState:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> PhaseState:
-        return cls(phase=int(d["phase"]), step=int(d["step"]), schedule=tuple(d["schedule"]),  # type: ignore[arg-type]
-                   extra=dict(d.get("extra", {})))
+        schedule = tuple(int(n) for n in d["schedule"])
+        return cls(phase=int(d["phase"]), step=int(d["step"]),
+                   schedule=schedule, extra=dict(d.get("extra", {})))  # type: ignore[arg-type]
 
 
 def _rng_state() -> dict[str, Any]:
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    in_use = torch.cuda.is_available() and torch.cuda.is_initialized()
+    cuda = torch.cuda.get_rng_state_all() if in_use else []
     return {"cpu": torch.get_rng_state(), "cuda": cuda}
 
 

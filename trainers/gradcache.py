@@ -254,7 +254,8 @@ class GradCache:
         """One GradCache pass; returns the full-batch loss value (parameters' ``.grad`` filled)."""
         t_model = self.query_encoder if self.shared else self.target_encoder
         assert t_model is not None
-        q_reps, q_states = encode_chunks(self.query_encoder, query_inputs, self.chunk_size, self.encode)
+        q_reps, q_states = encode_chunks(self.query_encoder, query_inputs, self.chunk_size,
+                                         self.encode)
         t_reps, t_states = encode_chunks(t_model, target_inputs, self.chunk_size, self.encode)
         q_leaf = q_reps.detach().requires_grad_()
         t_leaf = t_reps.detach().requires_grad_()

@@ -100,12 +100,15 @@ class GradientBiasEMLoss(nn.Module):
     def _prepare(self, q: Tensor, k: Tensor, indices: Tensor, labels: Tensor | None,
                  target_valid: Tensor | None):  # type: ignore[no-untyped-def]
         if q.ndim != 2 or k.ndim != 2 or q.shape[1] != k.shape[1]:
-            raise ValueError(f"q must be (B, d) and k (T, d); got {tuple(q.shape)}, {tuple(k.shape)}")
+            raise ValueError(f"q must be (B, d) and k (T, d); "
+                             f"got {tuple(q.shape)}, {tuple(k.shape)}")
         bsz, t = q.shape[0], k.shape[0]
         idx = torch.as_tensor(indices, device=self.log_z.device).long().reshape(-1)
-        if idx.shape[0] != bsz or (bsz and (int(idx.min()) < 0 or int(idx.max()) >= self.n_examples)):
+        bad = bsz and (int(idx.min()) < 0 or int(idx.max()) >= self.n_examples)
+        if idx.shape[0] != bsz or bad:
             raise ValueError(f"indices must be B={bsz} rows in [0, {self.n_examples})")
-        lab = torch.arange(bsz, device=q.device) if labels is None else labels.to(q.device).long().reshape(-1)
+        lab = (torch.arange(bsz, device=q.device) if labels is None
+               else labels.to(q.device).long().reshape(-1))
         if lab.shape[0] != bsz or (bsz and (int(lab.min()) < 0 or int(lab.max()) >= t)):
             raise ValueError("labels must be B column indices in [0, T)")
         col_ok = None if target_valid is None else target_valid.to(q.device).bool().reshape(-1)
@@ -128,7 +131,8 @@ class GradientBiasEMLoss(nn.Module):
         log_g = log_g.to(self.log_z.dtype)
         was = self.seen[idx]
         m = self.momentum
-        ema = torch.logaddexp(math.log(m) + self.log_z[idx], math.log1p(-m) + log_g) if m > 0 else log_g
+        ema = (torch.logaddexp(math.log(m) + self.log_z[idx], math.log1p(-m) + log_g)
+               if m > 0 else log_g)
         new = torch.where(was, ema, log_g)
         if only_unseen:
             new = torch.where(was, self.log_z[idx], log_g)
@@ -154,7 +158,8 @@ class GradientBiasEMLoss(nn.Module):
         nu_g = torch.exp(log_nu + log_g)                     # nu_i * g_i, the batch's nu_i Z_i
         one = torch.ones((), dtype=acc, device=q.device)
         # grad of nu_i g_i = nu_i g_i * grad LSE_i(s / tau): weights nu_i g_i / B on the row LSEs.
-        lse_term = TiledLSE.apply(q / self.tau, k, one, nu_g / bsz, None, mask, self.block_q, self.block_k)
+        lse_term = TiledLSE.apply(q / self.tau, k, one, nu_g / bsz, None, mask,
+                                  self.block_q, self.block_k)
         pos = (q * k[lab]).sum(1).to(acc) / self.tau
         value = (-pos.detach() + nu_g - log_nu - 1.0).mean()
         loss = -pos.mean() + (lse_term - lse_term.detach()) + value.detach() + pos.detach().mean()

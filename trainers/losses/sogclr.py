@@ -10,7 +10,8 @@ candidates) and uses it in place of the batch's own normaliser:
     u_i <- (1 - gamma) u_i + gamma g_i          (batch anchors only; first visit u_i = g_i)
     p_ij = exp(a_ij) / u_i                      (no gradient)
     unimodal ("s-form", a = s/tau):   loss_i = -s_ii + mean_j p_ij s_ij
-    bimodal  ("d-form", a = d/tau, d_ij = s_ij - s_ii, each side its own u): loss_i = mean_j p_ij d_ij
+    bimodal  ("d-form", a = d/tau, d_ij = s_ij - s_ii, each side its own u):
+                                      loss_i = mean_j p_ij d_ij
 
 With ``gamma = 1`` (u_i = g_i) the gradient of ``mean_i loss_i`` is exactly ``tau`` times the
 gradient of the plain mini-batch InfoNCE whose denominator holds the candidates: by default
@@ -57,7 +58,8 @@ from .tiled import TiledLSE, cpu_acc_dtype, tiled_lse
 __all__ = ["SogCLRLoss", "ISogCLRLoss", "cosine_gamma"]
 
 
-def cosine_gamma(epoch: float, *, n_epochs: float, gamma_min: float = 0.2, gamma_max: float = 1.0) -> float:
+def cosine_gamma(epoch: float, *, n_epochs: float, gamma_min: float = 0.2,
+                 gamma_max: float = 1.0) -> float:
     """FastCLIP-style cosine decay of gamma from ``gamma_max`` (epoch 0) to ``gamma_min``
     (epoch ``n_epochs`` and after). Starting at 1 means "trust the fresh batch" while the
     encoder, hence u, is changing fast.
@@ -74,7 +76,8 @@ def _exclusion_mask(b: int, t: int, labels: Tensor, col_ok: Tensor | None,
                     include_positive: bool) -> PairMask:
     """Candidate pairs of a row problem: the positive is dropped via the group mechanism of
     :class:`PairMask` (query group = its label column, target group = its own column, and a
-    ``labels`` entry that matches no column, so the "own positive is kept" exception never fires)."""
+    ``labels`` entry that matches no column, so the "own positive is kept" exception never
+    fires)."""
     dev = labels.device
     if include_positive:
         return PairMask(None, col_ok, None, None, labels)
@@ -82,8 +85,9 @@ def _exclusion_mask(b: int, t: int, labels: Tensor, col_ok: Tensor | None,
                     torch.full((b,), -1, dtype=torch.long, device=dev))
 
 
-def _softmax_mean(x_q: Tensor, k: Tensor, lse: Tensor, mask: PairMask, block_q: int, block_k: int) -> Tensor:
-    """Row means ``sum_j softmax_ij x_ij`` of ``x = x_q k^T`` over valid pairs, by tiles (no grad)."""
+def _softmax_mean(x_q: Tensor, k: Tensor, lse: Tensor, mask: PairMask, block_q: int,
+                  block_k: int) -> Tensor:
+    """Row means ``sum_j softmax_ij x_ij`` of ``x = x_q k^T`` over valid pairs, by tiles."""
     acc = lse.dtype
     out = torch.zeros_like(lse)
     b, t = x_q.shape[0], k.shape[0]
@@ -240,7 +244,8 @@ class SogCLRLoss(nn.Module):
     def forward(self, q: Tensor, k: Tensor, indices: Tensor, labels: Tensor | None = None,
                 target_valid: Tensor | None = None) -> Tensor:
         if q.ndim != 2 or k.ndim != 2 or q.shape[1] != k.shape[1]:
-            raise ValueError(f"q must be (B, d) and k (T, d); got {tuple(q.shape)}, {tuple(k.shape)}")
+            raise ValueError(f"q must be (B, d) and k (T, d); "
+                             f"got {tuple(q.shape)}, {tuple(k.shape)}")
         bsz, t = q.shape[0], k.shape[0]
         dev = q.device
         idx = torch.as_tensor(indices, device=self.u_q.device).long().reshape(-1)
@@ -257,13 +262,14 @@ class SogCLRLoss(nn.Module):
         if float(n_valid) - drop < 1 or (self.bimodal and bsz - drop < 1):
             raise ValueError("no negatives: the batch is too small")
         pos = (q * k[lab]).sum(1)
-        surr, obj = self._side("q", q, k, pos, _exclusion_mask(bsz, t, lab, col_ok, self.include_positive),
-                               n_valid - drop, idx, d_form=self.bimodal)
+        mask_q = _exclusion_mask(bsz, t, lab, col_ok, self.include_positive)
+        surr, obj = self._side("q", q, k, pos, mask_q, n_valid - drop, idx, d_form=self.bimodal)
         if self.bimodal:
             # Target side: anchors are the positive targets, candidates the B queries.
             own = torch.arange(bsz, device=dev)
-            s2, o2 = self._side("t", k[lab], q, pos, _exclusion_mask(bsz, bsz, own, None, self.include_positive),
-                                torch.tensor(float(bsz), device=dev) - drop, idx, d_form=True)
+            mask_t = _exclusion_mask(bsz, bsz, own, None, self.include_positive)
+            n_t = torch.tensor(float(bsz), device=dev) - drop
+            s2, o2 = self._side("t", k[lab], q, pos, mask_t, n_t, idx, d_form=True)
             surr, obj = (surr + s2) / 2, torch.cat([obj, o2])
         out_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         return (surr - surr.detach() + obj.mean()).to(out_dtype)
@@ -286,7 +292,8 @@ class ISogCLRLoss(SogCLRLoss):
     >>> loss_fn = ISogCLRLoss(10, tau=0.1)
     >>> q = F.normalize(torch.randn(4, 8), dim=1)
     >>> _ = loss_fn(q, q.roll(1, 0), torch.tensor([0, 3, 5, 7]))
-    >>> bool((loss_fn.tau_q[[0, 3, 5, 7]] != loss_fn.tau_q[1]).all()), round(float(loss_fn.tau_q[1]), 6)
+    >>> taus = loss_fn.tau_q
+    >>> bool((taus[[0, 3, 5, 7]] != taus[1]).all()), round(float(taus[1]), 6)
     (True, 0.1)
     """
 
