@@ -18,6 +18,12 @@ from contextlib import contextmanager
 
 from distributed import Client, LocalCluster, WorkerPlugin
 
+from b3mine.errors import B3MineError
+
+
+class ClusterError(B3MineError):
+    """The Dask cluster cannot be reached or started."""
+
 
 class FaissThreads(WorkerPlugin):
     """Set FAISS/OpenMP threads on every worker (present and future)."""
@@ -60,7 +66,12 @@ def connect(
         return
     address = scheduler_address(scheduler)
     if address:
-        with Client(address) as remote:
+        try:
+            remote = Client(address)
+        except (OSError, TimeoutError) as exc:
+            raise ClusterError(f"cannot connect to the Dask scheduler at {address}: {exc}") \
+                from exc
+        with remote:
             remote.register_plugin(plugin)
             yield remote
         return

@@ -283,13 +283,13 @@ class _Job:
         nb = self.stage("neighbours", lambda: self._neighbours(load, blocks_per_task,
                                                                target_shards))
         graph = self.stage("graph", lambda: self.one(
-            "graph", stages.graph_task, self.root, config, nb["n_parts"]))
+            "graph", stages.graph_task, self.root, config, nb["parts"]))
         clusters = self.stage("clusters", lambda: self.one(
             "clusters", stages.clusters_task, self.root, config, graph["n_nodes"]))
         self.stage("batches", lambda: self.one(
-            "batches", stages.batches_task, self.root, config, clusters))
+            "batches", stages.batches_task, self.root, config, clusters, graph["n_nodes"]))
         self.stage("negatives", lambda: self.one(
-            "negatives", stages.negatives_task, self.root, config, load, nb["n_parts"],
+            "negatives", stages.negatives_task, self.root, config, load, nb["parts"],
             clusters))
         timings = {s: float(self.metas[s]["seconds"]) for s in PIPELINE_STAGES[:-1]}
         written = self.stage("write", lambda: {"plan": self.one(
@@ -325,23 +325,30 @@ class _Job:
             self.submit(stages.build_ann_index, self.root, config, fail=fail).result()
             fail = False
         block = config.neighbours.block_size * max(1, blocks_per_task)
-        parts = [(i, a, min(a + block, n)) for i, a in enumerate(range(0, n, block))]
+        shards = max(1, target_shards)
+        parts = [(stages.part_name(a, min(a + block, n), shards), a, min(a + block, n))
+                 for a in range(0, n, block)]
         # resume inside the stage: a block whose part file exists is finished
         todo = [p for p in parts if not stages.part_path(self.work, p[0]).exists()]
         done = len(parts) - len(todo)
         if target_shards <= 1:
-            futures = [self.submit(stages.search_block, self.root, config, i, a, b, k,
+            futures = [self.submit(stages.search_block, self.root, config, name, a, b, k,
                                    self.delay, fail=fail and j == 0)
-                       for j, (i, a, b) in enumerate(todo)]
+                       for j, (name, a, b) in enumerate(todo)]
         else:
             edges = np.linspace(0, n, target_shards + 1).astype(int) if n else [0, 0]
             futures = []
-            for i, a, b in todo:
+            for name, a, b in todo:
                 shards = [self.submit(stages.search_corpus_shard, self.root, config, a, b, k,
                                       int(ts), int(te))
                           for ts, te in zip(edges[:-1], edges[1:]) if te > ts]
-                futures.append(self.submit(stages.merge_block, self.root, i, k, *shards))
+                futures.append(self.submit(stages.merge_block, self.root, name, k, *shards))
         self.gather("neighbours", futures, done=done, total=len(parts))
-        return {"n_parts": len(parts), "k": k, "blocks": len(parts),
+        assert self.client is not None
+        try:
+            self.client.run(stages.release_indexes)
+        except Exception:  # noqa: BLE001 - only frees memory; a worker may be restarting
+            pass
+        return {"parts": [name for name, _, _ in parts], "k": k, "blocks": len(parts),
                 "resumed_blocks": done}
 

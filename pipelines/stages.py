@@ -294,8 +294,13 @@ class _WorkerCache:
 
     def __init__(self, size: int = 2) -> None:
         self.size = size
+        self.loads = 0  # how many times this process loaded an index (tests: once per worker)
         self._items: OrderedDict[tuple, Any] = OrderedDict()
         self._lock = threading.Lock()
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
 
     def get(self, key: tuple, load: Callable[[], Any]) -> Any:
         with self._lock:  # worker threads share the process: load once, not once per thread
@@ -303,6 +308,7 @@ class _WorkerCache:
                 self._items.move_to_end(key)
                 return self._items[key]
             value = load()
+            self.loads += 1
             self._items[key] = value
             while len(self._items) > self.size:
                 self._items.popitem(last=False)
@@ -310,6 +316,14 @@ class _WorkerCache:
 
 
 INDEX_CACHE = _WorkerCache()
+
+
+def release_indexes() -> int:
+    """(run on every worker after the neighbour stage) drop cached indexes: the later stages
+    need the memory (an IVF-Flat index is as large as the corpus)."""
+    n = len(INDEX_CACHE._items)
+    INDEX_CACHE.clear()
+    return n
 
 
 def _target_matrix_path(work: WorkDir) -> Path:
@@ -356,8 +370,14 @@ def _worker_index(work: WorkDir, config: MiningConfig, target_range: tuple[int, 
     return INDEX_CACHE.get(("flat", str(path), path.stat().st_mtime_ns, a, b), build)
 
 
-def part_path(work: WorkDir, part: int) -> Path:
-    return work.path("neighbours") / f"part-{part:06d}.parquet"
+def part_name(start: int, stop: int, target_shards: int) -> str:
+    """A block's file name carries its geometry: a resumed job whose block size or corpus
+    sharding changed never reuses (and so never mixes in) a block cut another way."""
+    return f"part-t{target_shards}-{start:012d}-{stop:012d}"
+
+
+def part_path(work: WorkDir, part: str) -> Path:
+    return work.path("neighbours") / f"{part}.parquet"
 
 
 def _search(work: WorkDir, config: MiningConfig, start: int, stop: int, k: int,
@@ -372,7 +392,7 @@ def _search(work: WorkDir, config: MiningConfig, start: int, stop: int, k: int,
     return search_index(index, queries, k, config.neighbours.block_size)
 
 
-def search_block(work_root: str, config: MiningConfig, part: int, start: int, stop: int,
+def search_block(work_root: str, config: MiningConfig, part: str, start: int, stop: int,
                  k: int, delay: float = 0.0, fail: bool = False) -> int:
     """Top-k of queries [start, stop) against all targets -> ``neighbours/part-<part>.parquet``.
 
@@ -416,7 +436,7 @@ def merge_topk(parts: list[Neighbours], k: int) -> Neighbours:
     return Neighbours(rows=out_rows, scores=out_scores.astype(np.float32))
 
 
-def merge_block(work_root: str, part: int, k: int, *parts: Neighbours) -> int:
+def merge_block(work_root: str, part: str, k: int, *parts: Neighbours) -> int:
     """Merge one query block's corpus-shard results and write its part file."""
     work = WorkDir(work_root)
     merged = merge_topk(list(parts), k)
@@ -428,7 +448,7 @@ def _n_targets(work: WorkDir) -> int:
     return int(np.load(_target_matrix_path(work), mmap_mode="r").shape[0])
 
 
-def write_neighbours_part(work: WorkDir, part: int, found: Neighbours, n_targets: int) -> None:
+def write_neighbours_part(work: WorkDir, part: str, found: Neighbours, n_targets: int) -> None:
     k = found.rows.shape[1]
     # int32 rows halve the checkpoint when they fit; -1 ("no result") survives the cast.
     rows = found.rows.astype(np.int32) if n_targets < 2**31 else found.rows
@@ -440,11 +460,11 @@ def write_neighbours_part(work: WorkDir, part: int, found: Neighbours, n_targets
     write_parquet(part_path(work, part), table)
 
 
-def read_neighbours(work: WorkDir, n_parts: int, scores: bool = True) -> Neighbours:
-    """Concatenate the part files in order into the (N, k) rank lists."""
+def read_neighbours(work: WorkDir, parts: list[str], scores: bool = True) -> Neighbours:
+    """Concatenate the part files (in row order) into the (N, k) rank lists."""
     rows, vals = [], []
     columns = ["rows", "scores"] if scores else ["rows"]
-    for part in range(n_parts):
+    for part in parts:
         t = pq.read_table(part_path(work, part), columns=columns)
         col = t.column("rows").combine_chunks()
         k = col.type.list_size
@@ -459,12 +479,12 @@ def read_neighbours(work: WorkDir, n_parts: int, scores: bool = True) -> Neighbo
 
 # -- graph, clusters, batches, negatives, plan ------------------------------------------------
 
-def graph_task(work_root: str, config: MiningConfig, n_parts: int, fail: bool = False
+def graph_task(work_root: str, config: MiningConfig, parts: list[str], fail: bool = False
                ) -> dict[str, Any]:
     """The window graph from the merged rank lists (``b3mine.mining.build_graph``)."""
     _maybe_fail("graph", fail)
     work = WorkDir(work_root)
-    neighbours = read_neighbours(work, n_parts, scores=False)
+    neighbours = read_neighbours(work, parts, scores=False)
     graph = build_graph(neighbours, config)
     del neighbours
     upper = sp.triu(graph, k=1).tocoo()
@@ -519,11 +539,13 @@ def read_clusters(work: WorkDir, meta: dict[str, Any]) -> ClusterResult:
 
 
 def batches_task(work_root: str, config: MiningConfig, cluster_meta: dict[str, Any],
-                 fail: bool = False) -> dict[str, Any]:
+                 n_nodes: int, fail: bool = False) -> dict[str, Any]:
     """Per-epoch batches (``b3mine.mining.make_batches``)."""
     _maybe_fail("batches", fail)
     work = WorkDir(work_root)
-    b = make_batches(read_clusters(work, cluster_meta).clusters, config)
+    # only graph-aware grouping needs the graph; random grouping skips reading it
+    graph = read_graph(work, n_nodes) if config.batch_grouping != "random" else None
+    b = make_batches(read_clusters(work, cluster_meta).clusters, config, graph)
     write_parquet(work.path("batches.parquet"), pa.table({
         "row": pa.array(b.rows.reshape(-1)),
         "cluster": pa.array(b.cluster.reshape(-1)),
@@ -541,7 +563,7 @@ def read_batches(work: WorkDir, meta: dict[str, Any]) -> Batches:
 
 
 def negatives_task(work_root: str, config: MiningConfig, load_meta: dict[str, Any],
-                   n_parts: int, cluster_meta: dict[str, Any], fail: bool = False
+                   parts: list[str], cluster_meta: dict[str, Any], fail: bool = False
                    ) -> dict[str, Any]:
     """Extra hard negatives (``b3mine.mining.make_negatives``): one task, because HNPS draws
     from one seeded stream cluster after cluster, which is what makes it reproducible."""
@@ -550,7 +572,7 @@ def negatives_task(work_root: str, config: MiningConfig, load_meta: dict[str, An
     if config.negatives.mode == "none":
         return {"present": False}
     emb = work_embeddings(work, read_ids(work), load_meta["source"])
-    neighbours = read_neighbours(work, n_parts)
+    neighbours = read_neighbours(work, parts)
     clusters = read_clusters(work, cluster_meta).clusters
     neg = make_negatives(emb, neighbours, clusters, config)
     assert neg is not None

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -118,23 +117,25 @@ def test_graph_checkpoint_round_trip(tmp_path):
         np.testing.assert_array_equal(getattr(back, attr), getattr(g, attr))
 
 
-def _cached_index_files(job_id: str) -> list[tuple]:
-    """(runs on a worker) the index files this worker process holds in its cache"""
-    return [k for k in INDEX_CACHE._items if k[0] == "file" and job_id in k[1]]
+def _index_loads() -> tuple[int, int]:
+    """(runs on a worker) indexes this worker process loaded so far, and still holds"""
+    return INDEX_CACHE.loads, len(INDEX_CACHE._items)
 
 
 def test_ivf_index_built_once_and_loaded_once_per_worker(tmp_path, corpus_path, client):
     cfg = MiningConfig(batch_size=128, cluster_size=16, p=3, m=20, seed=1,
                        neighbours=NeighbourConfig(index="ivf", nlist=20, nprobe=20,
                                                   block_size=250))
+    before = client.run(_index_loads)
     result = run_job(corpus_path, cfg, tmp_path, client=client, keep_work=True)
     result.plan.validate()
     work = tmp_path / ".work" / result.job_id
     assert (work / "index.faiss").is_file()
-    # 8 blocks over 2 workers, one cached index object per worker that searched
-    cached = client.run(_cached_index_files, result.job_id)
-    per_worker = [len(v) for v in cached.values()]
-    assert max(per_worker) == 1 and sum(per_worker) >= 1
+    # 8 blocks over 2 workers: each worker that searched loaded the index exactly once
+    loads = {w: n - before.get(w, (0, 0))[0] for w, (n, _) in client.run(_index_loads).items()}
+    assert max(loads.values()) == 1 and sum(loads.values()) >= 1
+    # released after the stage: later single-task stages get the memory back
+    assert all(held == 0 for _, held in client.run(_index_loads).values())
     # nprobe = nlist: IVF is exhaustive here, so the plan is the in-process one
     assert_same_plan(local_mine(corpus_path, cfg, tmp_path / "local"), result.plan)
 
@@ -258,3 +259,43 @@ def test_paired_npy_input(tmp_path, client):
     result.plan.validate()
     assert_same_plan(local_mine(src, cfg, tmp_path / "local"), result.plan)
     assert result.plan.manifest.dataset.paired and result.plan.manifest.dataset.id_type == "string"
+
+
+def test_unreachable_scheduler_is_a_named_error(tmp_path, corpus_path, small_config):
+    import dask
+
+    from pipelines.cluster import ClusterError
+
+    with dask.config.set({"distributed.comm.timeouts.connect": "2s"}), \
+            pytest.raises(ClusterError, match="tcp://127.0.0.1:9"):
+        run_job(corpus_path, small_config, tmp_path, scheduler="tcp://127.0.0.1:9")
+
+
+def test_changed_block_size_never_mixes_blocks(tmp_path, corpus_path, client):
+    """Part files are named by their row range: a block cut another way is not reused."""
+    cfg = MiningConfig(batch_size=128, cluster_size=16, p=3, m=20, seed=2,
+                       neighbours=NeighbourConfig(block_size=500))
+    first = run_job(corpus_path, cfg, tmp_path, client=client, keep_work=True,
+                    blocks_per_task=1)
+    work = tmp_path / ".work" / first.job_id
+    for marker in ("neighbours", "graph", "clusters", "batches", "negatives", "write"):
+        (work / f"{marker}.done").unlink()
+    (tmp_path / ".work" / f"{first.job_id}.json").unlink()  # force a real re-run
+    expected = {name: first.plan.manifest.files.get(name) for name in PLAN_FILES}
+    import shutil
+
+    shutil.rmtree(tmp_path / first.plan.plan_id)
+    again = run_job(corpus_path, cfg, tmp_path, client=client, keep_work=True,
+                    blocks_per_task=2)
+    meta = json.loads((work / "neighbours.done").read_text())
+    assert meta["resumed_blocks"] == 0 and meta["blocks"] == 2
+    assert again.stages["load"] == "skipped" and again.stages["neighbours"] == "ran"
+    assert {name: again.plan.manifest.files.get(name) for name in PLAN_FILES} == expected
+
+
+def test_affinity_grouping_same_plan(tmp_path, corpus_path, client):
+    """Graph-aware batch grouping reads the graph checkpoint in the batches stage."""
+    cfg = MiningConfig(batch_size=128, cluster_size=16, p=3, m=20, seed=4,
+                       batch_grouping="affinity")
+    result = run_job(corpus_path, cfg, tmp_path / "dask", client=client)
+    assert_same_plan(local_mine(corpus_path, cfg, tmp_path / "local"), result.plan)
