@@ -169,7 +169,7 @@ def _load_npy(source: EmbeddingSource) -> Embeddings:
         raise InputError(".npy embeddings need an aligned id file (ids_path)", file=str(path))
     queries = _open_npy(path)
     targets = _open_npy(Path(source.target_path)) if source.target_path else None
-    ids = _read_ids_file(Path(source.ids_path))
+    ids = read_ids_file(Path(source.ids_path))
     return Embeddings.from_arrays(ids, queries, targets, source=str(path))
 
 
@@ -180,7 +180,7 @@ def _open_npy(path: Path) -> np.ndarray:
         raise InputError(f"cannot read .npy: {exc}", file=str(path)) from exc
 
 
-def _read_ids_file(path: Path) -> np.ndarray:
+def read_ids_file(path: Path) -> np.ndarray:
     if not path.exists():
         raise InputError("no such id file", file=str(path))
     if path.suffix == ".npy":
@@ -188,7 +188,7 @@ def _read_ids_file(path: Path) -> np.ndarray:
     return np.array(path.read_text().splitlines(), dtype=str)
 
 
-def _parquet_files(path: Path) -> list[Path]:
+def parquet_files(path: Path) -> list[Path]:
     if path.is_dir():
         files = sorted(p for p in path.rglob("*.parquet") if not p.name.startswith("."))
         if not files:
@@ -198,7 +198,7 @@ def _parquet_files(path: Path) -> list[Path]:
 
 
 def _read_parquet(path: Path, columns: list[str]) -> pa.Table:
-    files = _parquet_files(path)
+    files = parquet_files(path)
     tables = []
     for f in files:
         try:
@@ -213,7 +213,7 @@ def _read_parquet(path: Path, columns: list[str]) -> pa.Table:
     return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
 
 
-def _vectors(table: pa.Table, column: str, file: str) -> np.ndarray:
+def vector_column(table: pa.Table, column: str, file: str) -> np.ndarray:
     """A list<float> / fixed_size_list<float>[d] column as an (n, d) float32 matrix, zero-copy
     where Arrow allows it."""
     col = table.column(column).combine_chunks()
@@ -263,10 +263,10 @@ def _load_parquet(source: EmbeddingSource) -> Embeddings:
         raise InputError("id column must hold integers or strings", file=str(path),
                          column=source.id_column, expected="int or string", got=str(typ))
     ids = ids_col.to_numpy(zero_copy_only=False)
-    queries = _vectors(table, source.column, str(path))
+    queries = vector_column(table, source.column, str(path))
     targets = None
     if source.target_column:
-        targets = _vectors(table, source.target_column, str(path))
+        targets = vector_column(table, source.target_column, str(path))
     elif source.target_path:
         ttable = _read_parquet(Path(source.target_path), [source.id_column, source.column])
         tids = ttable.column(source.id_column).to_numpy(zero_copy_only=False)
@@ -274,7 +274,7 @@ def _load_parquet(source: EmbeddingSource) -> Embeddings:
             row = int(np.argmax(tids != ids)) if len(tids) == len(ids) else min(len(ids), len(tids))
             raise InputError("target file's ids are not aligned with the query file's",
                              file=source.target_path, column=source.id_column, row=row)
-        targets = _vectors(ttable, source.column, source.target_path)
+        targets = vector_column(ttable, source.column, source.target_path)
     for name, m in ((source.column, queries), (source.target_column or source.column, targets)):
         if m is not None and m.shape[1] == 0:
             raise InputError("empty embedding", file=str(path), column=name,

@@ -24,7 +24,7 @@ import scipy.sparse as sp
 from b3mine import clustering
 from b3mine.batches import Batches
 from b3mine.config import EmbeddingSource, MiningConfig
-from b3mine.embeddings import Embeddings, _parquet_files, _read_ids_file, _vectors
+from b3mine.embeddings import Embeddings, parquet_files, read_ids_file, vector_column
 from b3mine.errors import InputError
 from b3mine.mining import (
     ClusterResult,
@@ -64,7 +64,7 @@ class ParquetRows:
 
     @classmethod
     def open(cls, path: str | Path, columns: list[str]) -> ParquetRows:
-        files = _parquet_files(Path(path))
+        files = parquet_files(Path(path))
         groups = []
         for f in files:
             try:
@@ -173,10 +173,10 @@ def _read_shard(plan: SourcePlan, start: int, stop: int
     rows = ParquetRows.open(path, _source_columns(src))
     table = rows.read(start, stop, _source_columns(src))
     ids = table.column(src.id_column).to_numpy(zero_copy_only=False)
-    q = _vectors(table, src.column, str(path))
+    q = vector_column(table, src.column, str(path))
     t = None
     if src.target_column:
-        t = _vectors(table, src.target_column, str(path))
+        t = vector_column(table, src.target_column, str(path))
     elif src.target_path:
         trows = ParquetRows.open(src.target_path, [src.id_column, src.column])
         ttable = trows.read(start, stop, [src.id_column, src.column])
@@ -185,7 +185,7 @@ def _read_shard(plan: SourcePlan, start: int, stop: int
             bad = int(np.argmax(tids != ids)) if len(tids) == len(ids) else len(tids)
             raise InputError("target file's ids are not aligned with the query file's",
                              file=src.target_path, column=src.id_column, row=start + bad)
-        t = _vectors(ttable, src.column, src.target_path)
+        t = vector_column(ttable, src.column, src.target_path)
     return ids, q, t
 
 
@@ -245,7 +245,7 @@ def finish_load(work_root: str, plan: SourcePlan, normalize: bool, fail: bool = 
     work = WorkDir(work_root)
     src = plan.source
     if Path(src.path).suffix == ".npy":
-        ids = _read_ids_file(Path(src.ids_path or ""))
+        ids = read_ids_file(Path(src.ids_path or ""))
     else:
         rows = ParquetRows.open(src.path, [src.id_column])
         table = rows.read(0, plan.n_rows, [src.id_column])
