@@ -282,8 +282,44 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class PlanShape:
+    """Shape of a plan read off ``self.manifest``: shared by `BatchPlan` and every plan source
+    of the trainers (local directory or REST client), so each answers the same way."""
+
+    manifest: PlanManifest
+
+    @property
+    def plan_id(self) -> str:
+        return self.manifest.plan_id
+
+    @property
+    def config(self) -> MiningConfig:
+        return self.manifest.config
+
+    @property
+    def epochs(self) -> int:
+        return self.manifest.counts.epochs
+
+    @property
+    def batch_size(self) -> int:
+        return self.manifest.counts.batch_size
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.manifest.counts.batches_per_epoch
+
+    @property
+    def n_rows(self) -> int:
+        """Rows of the dataset the plan was mined from (``row`` values lie in [0, n_rows))."""
+        return self.manifest.dataset.n_rows
+
+    @property
+    def has_negatives(self) -> bool:
+        return self.manifest.counts.extra_negatives > 0
+
+
 @dataclass(frozen=True)
-class BatchPlan:
+class BatchPlan(PlanShape):
     """A plan on disk, read lazily through memory-mapped Parquet."""
 
     path: Path
@@ -311,31 +347,6 @@ class BatchPlan:
         if validate:
             plan.validate()
         return plan
-
-    # -- shape -------------------------------------------------------------------------------
-    @property
-    def plan_id(self) -> str:
-        return self.manifest.plan_id
-
-    @property
-    def config(self) -> MiningConfig:
-        return self.manifest.config
-
-    @property
-    def epochs(self) -> int:
-        return self.manifest.counts.epochs
-
-    @property
-    def batch_size(self) -> int:
-        return self.manifest.counts.batch_size
-
-    @property
-    def batches_per_epoch(self) -> int:
-        return self.manifest.counts.batches_per_epoch
-
-    @property
-    def has_negatives(self) -> bool:
-        return NEGATIVES in self.manifest.files
 
     # -- reading -----------------------------------------------------------------------------
     @cached_property

@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 
 from b3mine.errors import B3MineError
-from b3mine.plan import PlanManifest
+from b3mine.plan import PlanManifest, PlanShape
 from trainers.plans import check_epoch, check_epoch_table, empty_negatives
 
 ARROW_STREAM = "application/vnd.apache.arrow.stream"
@@ -104,7 +104,7 @@ def _server_message(response: Any) -> str:
         return response.text[:300] if hasattr(response, "text") else ""
 
 
-class PlanClient:
+class PlanClient(PlanShape):
     """A served plan, read over HTTP; the same interface as `trainers.plans.LocalPlan`.
 
     Args:
@@ -310,26 +310,6 @@ class PlanClient:
                 raise PlanServiceError(f"{self.base_url}/v1/plans/{self._plan_id}: not a plan "
                                        f"manifest: {exc}") from exc
         return self._manifest
-
-    @property
-    def epochs(self) -> int:
-        return self.manifest.counts.epochs
-
-    @property
-    def batch_size(self) -> int:
-        return self.manifest.counts.batch_size
-
-    @property
-    def batches_per_epoch(self) -> int:
-        return self.manifest.counts.batches_per_epoch
-
-    @property
-    def n_rows(self) -> int:
-        return self.manifest.dataset.n_rows
-
-    @property
-    def has_negatives(self) -> bool:
-        return self.manifest.counts.extra_negatives > 0
 
     def epoch_table(self, epoch: int) -> pa.Table:
         check_epoch(self, epoch)

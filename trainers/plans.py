@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from b3mine.errors import B3MineError, PlanError
-from b3mine.plan import BatchPlan, PlanManifest
+from b3mine.plan import BatchPlan, PlanManifest, PlanShape
 from b3mine.sharding import ShardError
 from b3mine.sharding import rank_slice as _rank_slice
 
@@ -128,7 +128,7 @@ def empty_negatives(id_type: pa.DataType = pa.int64()) -> pa.Table:
                      "id": pa.array([], id_type)})
 
 
-class LocalPlan:
+class LocalPlan(PlanShape):
     """A plan directory on this machine (`b3mine.plan.BatchPlan`), as a `PlanSource`.
 
     >>> plan = LocalPlan("plans/0123456789abcdef")            # doctest: +SKIP
@@ -161,32 +161,8 @@ class LocalPlan:
         return self._plan
 
     @property
-    def plan_id(self) -> str:
-        return self._plan.plan_id
-
-    @property
     def manifest(self) -> PlanManifest:
         return self._plan.manifest
-
-    @property
-    def epochs(self) -> int:
-        return self._plan.epochs
-
-    @property
-    def batch_size(self) -> int:
-        return self._plan.batch_size
-
-    @property
-    def batches_per_epoch(self) -> int:
-        return self._plan.batches_per_epoch
-
-    @property
-    def n_rows(self) -> int:
-        return self._plan.manifest.dataset.n_rows
-
-    @property
-    def has_negatives(self) -> bool:
-        return self._plan.has_negatives
 
     def epoch_table(self, epoch: int) -> pa.Table:
         check_epoch(self, epoch)
