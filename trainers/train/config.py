@@ -1,0 +1,138 @@
+"""`TrainConfig`: every knob of a reference-trainer run in one frozen object.
+
+The CLI (`b3mine train`), the quality benchmark and the tests all build one of these; a
+checkpoint stores it, so a resumed run can refuse to continue under a different config.
+
+>>> from trainers.train.config import TrainConfig
+>>> cfg = TrainConfig(batch_size=32, steps=100)
+>>> cfg.plan_cluster_size, cfg.sampler
+(8, 'plan')
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+ModelKind = Literal["student", "minilm"]
+Objective = Literal["infonce", "sogclr", "em"]
+SamplerKind = Literal["plan", "random", "kmeans"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class AdapterConfig(_Frozen):
+    """Three-phase adapter training (ALGORITHMS.md §6), run after the main steps.
+
+    Phase 1 is the main loop (backbone + adapter on ``batch_size`` batches). Phase 2 freezes the
+    backbone, caches its features once and trains the adapter alone on ``adapter_batch_size``
+    batches. Phase 3 transfers large-batch gradients into the backbone by segmented backprop.
+    """
+
+    adapter_steps: int = Field(0, ge=0, description="phase 2 steps (0 disables phases 2 and 3)")
+    adapter_batch_size: int = Field(1024, ge=2, description="phase 2 batch (cached features)")
+    adapter_lr: float = Field(1e-3, gt=0)
+    transfer_steps: int = Field(0, ge=0, description="phase 3 steps")
+    transfer_batch_size: int = Field(1024, ge=2)
+    transfer_lr: float = Field(2e-4, gt=0, description="phase 3 backbone learning rate")
+    transfer_chunk: int = Field(128, ge=1, description="phase 3 backbone segment size")
+
+
+class TrainConfig(_Frozen):
+    """One training run of the reference dual encoder."""
+
+    # -- data ----------------------------------------------------------------------------------
+    data: str | None = Field(None, description="Parquet with id, query_text, target_text, "
+                             "query_embedding, target_embedding; None = the demo corpus")
+    max_pairs: int | None = Field(None, ge=16, description="use only this many pairs (tests)")
+    eval_fraction: float = Field(0.15, gt=0, lt=1, description="held out by id hash")
+    max_length: int = Field(128, ge=8, description="tokens per text")
+
+    # -- model ---------------------------------------------------------------------------------
+    model: ModelKind = Field("student", description="student = EmbeddingBag+Linear from scratch "
+                             "over the MiniLM vocabulary (fast on CPU); minilm = fine-tune "
+                             "all-MiniLM-L6-v2")
+    student_dim: int = Field(256, ge=8, description="student token-embedding width")
+    embed_dim: int = Field(256, ge=8, description="student output width")
+
+    # -- objective -----------------------------------------------------------------------------
+    objective: Objective = "infonce"
+    temperature: float = Field(0.05, gt=0, description="InfoNCE temperature; SogCLR/EM tau")
+    symmetric: bool = Field(True, description="InfoNCE: average query->target and target->query")
+    gamma: float = Field(0.9, gt=0, le=1, description="SogCLR moving-average weight")
+    em_momentum: float = Field(0.9, ge=0, lt=1, description="EM: running Z estimate momentum")
+    gradcache_chunk: int | None = Field(None, ge=1, description="GradCache chunk (None = off)")
+
+    # -- batches -------------------------------------------------------------------------------
+    sampler: SamplerKind = Field("plan", description="plan = B3 plan; random; kmeans = "
+                                 "TAS-style batches from a few k-means topic clusters")
+    plan: str | None = Field(None, description="plan directory or service URL "
+                             "http://host/v1/plans/<id>; None = mine one on the train split")
+    plans_dir: str = Field(".b3mine/plans", description="where mined train-split plans go")
+    cluster_size: int | None = Field(None, ge=1, description="K for the mined plan and for "
+                                     "k-means (avg); None = batch_size // 4, at most 32")
+    p: int = Field(10, ge=0, description="mined plan: skip the teacher's top p ranks")
+    m: int = Field(100, ge=1, description="mined plan: keep ranks [p, p+m)")
+    batch_grouping: Literal["random", "affinity"] = "affinity"
+    hard_negatives: bool = Field(False, description="add the plan's HNPS negatives as targets")
+
+    # -- optimisation --------------------------------------------------------------------------
+    batch_size: int = Field(128, ge=2)
+    steps: int = Field(400, ge=1)
+    lr: float | None = Field(None, gt=0, description="peak learning rate; None = 2e-3 for the "
+                             "student (from scratch), 2e-5 for MiniLM (fine-tuning)")
+    weight_decay: float = Field(0.01, ge=0)
+    warmup: float = Field(0.1, ge=0, lt=1, description="share of steps with linear warm-up")
+    seed: int = Field(0, ge=0)
+    threads: int | None = Field(None, ge=1, description="torch threads; None = usable cores")
+    adapter: AdapterConfig = AdapterConfig()
+
+    # -- output --------------------------------------------------------------------------------
+    output_dir: str = ".b3mine/runs/train"
+    eval_every: int = Field(0, ge=0, description="evaluate every n steps (0 = at the end only)")
+    checkpoint_every: int = Field(0, ge=0, description="checkpoint every n steps (0 = at end)")
+    progress: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.batch_size % self.plan_cluster_size:
+            raise ValueError(f"batch_size {self.batch_size} must be a multiple of cluster_size "
+                             f"{self.plan_cluster_size}")
+        if self.hard_negatives and self.sampler != "plan":
+            raise ValueError("hard_negatives needs sampler='plan' (the negatives come from it)")
+        return self
+
+    @property
+    def learning_rate(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        return 2e-3 if self.model == "student" else 2e-5
+
+    @property
+    def plan_cluster_size(self) -> int:
+        """K: explicit, else B/4 capped at 32 (4 clusters a batch at B=32 and B=128)."""
+        if self.cluster_size is not None:
+            return self.cluster_size
+        return max(1, min(32, self.batch_size // 4))
+
+    def digest(self) -> str:
+        """Hash of everything that changes the trajectory (not output paths or progress bars)."""
+        data = self.model_dump(mode="json", exclude={"output_dir", "progress", "eval_every",
+                                                     "checkpoint_every", "threads", "plans_dir"})
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> TrainConfig:
+        """Read a config from JSON, or TOML when the file ends in .toml."""
+        path = Path(path)
+        text = path.read_text()
+        if path.suffix == ".toml":
+            import tomllib
+
+            return cls.model_validate(tomllib.loads(text))
+        return cls.model_validate_json(text)
