@@ -44,7 +44,10 @@ class NeighbourConfig(_Frozen):
     hnsw_m: int = Field(32, ge=4, description="HNSW neighbours per node")
     ef_construction: int = Field(80, ge=8)
     ef_search: int = Field(128, ge=8, description="HNSW search beam; must be >= the rank depth")
-    train_size: int = Field(100_000, ge=1000, description="IVF training sample size")
+    train_per_list: int = Field(
+        40, ge=1, description="IVF k-means training points per list (FAISS warns under 39)"
+    )
+    kmeans_iters: int = Field(10, ge=1, description="IVF k-means iterations")
     threads: int | None = Field(None, ge=1, description="FAISS OpenMP threads; None = all cores")
 
 

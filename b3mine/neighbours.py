@@ -95,9 +95,13 @@ def build_index(targets: np.ndarray, k: int, config: NeighbourConfig, seed: int 
     elif config.index == "ivf":
         nlist = config.nlist or max(1, min(n // 39, int(4 * math.sqrt(n))))
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+        # k-means dominates IVF's cost at this scale: train on a sample, with few iterations
+        index.cp.niter = config.kmeans_iters
+        index.cp.seed = seed
+        index.cp.max_points_per_centroid = config.train_per_list
         rng = np.random.default_rng(seed)
-        sample = xb if n <= config.train_size else xb[np.sort(rng.choice(n, config.train_size,
-                                                                         replace=False))]
+        size = config.train_per_list * nlist
+        sample = xb if n <= size else xb[np.sort(rng.choice(n, size, replace=False))]
         index.train(sample)
         index.nprobe = min(config.nprobe, nlist)
     elif config.index == "hnsw":

@@ -66,7 +66,7 @@ def quality_report(
     community_sizes: np.ndarray,
     *,
     seed: int = 0,
-    max_batches: int = 200,
+    max_batches: int = 64,
 ) -> dict[str, Any]:
     """Hardness of ``plan_batches`` (nb, B) against random batches, plus community sizes."""
     rng = np.random.default_rng([seed, 0x4E9])
