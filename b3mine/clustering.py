@@ -27,7 +27,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import ModuleType
 
 import numpy as np
@@ -50,7 +50,7 @@ class Clusters:
     members: (C, K) int64 dataset rows.
     padded:  (C, K) bool, True where the "fill" policy repeated a row already used elsewhere.
     dropped: (n,) int64 rows in no cluster (policy "drop").
-    communities: number of communities the backend found before splitting.
+    community_sizes: sizes of the communities the backend found, before splitting to K.
 
     Every row appears exactly once among ``members[~padded]`` and ``dropped`` together.
     """
@@ -58,7 +58,11 @@ class Clusters:
     members: np.ndarray
     padded: np.ndarray
     dropped: np.ndarray
-    communities: int
+    community_sizes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+
+    @property
+    def communities(self) -> int:
+        return len(self.community_sizes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -81,11 +85,11 @@ def cluster(graph: csr_matrix, config: MiningConfig) -> Clusters:
     ((2, 4), 2, 0)
     """
     labels = find_communities(graph, config)
-    communities = int(np.unique(labels).size)
+    sizes = np.bincount(labels) if labels.size else np.zeros(0, np.int64)
     labels = split_oversized(graph, labels, config.cluster_size, config.seed)
     rng = np.random.default_rng(_seed32(config.seed))
     found = exact_size(graph, labels, config.cluster_size, config.remainder, rng)
-    return Clusters(found.members, found.padded, found.dropped, communities)
+    return Clusters(found.members, found.padded, found.dropped, sizes)
 
 
 def find_communities(graph: csr_matrix, config: MiningConfig) -> np.ndarray:
@@ -427,9 +431,9 @@ def _apply_remainder(
 ) -> Clusters:
     padded = np.zeros(members.shape, dtype=bool)
     if short.size == 0:
-        return Clusters(members, padded, np.zeros(0, np.int64), 0)
+        return Clusters(members, padded, np.zeros(0, np.int64))
     if remainder == "drop":
-        return Clusters(members, padded, np.sort(short), 0)
+        return Clusters(members, padded, np.sort(short))
     fill = _padding_rows(members.ravel(), short, k - short.size, rng)
     last = np.concatenate([short, fill])[None, :]
     flags = np.arange(k)[None, :] >= short.size
@@ -437,7 +441,6 @@ def _apply_remainder(
         np.concatenate([members, last]),
         np.concatenate([padded, flags]),
         np.zeros(0, np.int64),
-        0,
     )
 
 

@@ -4,14 +4,13 @@ Each stage is a plain function so that the Dask pipeline (``pipelines/``) can ru
 over shards and checkpoint between them; ``mine`` runs them in-process.
 
 >>> from b3mine import MiningConfig, mine                                      # doctest: +SKIP
->>> plan = mine("corpus.parquet", MiningConfig(batch_size=512, cluster_size=32), "plans")
+>>> plan = mine("corpus.parquet", MiningConfig(batch_size=512), "plans")  # doctest: +SKIP
 """
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,19 +52,8 @@ def build_graph(neighbours: Neighbours, config: MiningConfig) -> sp.csr_matrix:
     return window_graph(neighbours.window(config.p, config.m), mutual=config.graph == "mutual")
 
 
-@dataclass(frozen=True)
-class ClusterResult:
-    clusters: clustering.Clusters
-    community_sizes: np.ndarray  # sizes the backend found, before splitting to K
-
-
-def make_clusters(graph: sp.csr_matrix, config: MiningConfig) -> ClusterResult:
-    labels = clustering.find_communities(graph, config)
-    sizes = np.bincount(np.unique(labels, return_inverse=True)[1])
-    labels = clustering.split_oversized(graph, labels, config.cluster_size, config.seed)
-    rng = np.random.default_rng([config.seed, 0xC1])
-    clusters = clustering.exact_size(graph, labels, config.cluster_size, config.remainder, rng)
-    return ClusterResult(clusters=clusters, community_sizes=sizes)
+def make_clusters(graph: sp.csr_matrix, config: MiningConfig) -> clustering.Clusters:
+    return clustering.cluster(graph, config)
 
 
 def make_batches(clusters: clustering.Clusters, config: MiningConfig,
@@ -154,9 +142,9 @@ def mine(
     with _timed(timings, "clusters"), stage_progress(progress, "clusters", 1):
         clustered = make_clusters(graph, config)
     with _timed(timings, "batches"), stage_progress(progress, "batches", 1):
-        batches = make_batches(clustered.clusters, config, graph)
+        batches = make_batches(clustered, config, graph)
     with _timed(timings, "negatives"):
-        negatives = make_negatives(emb, neighbours, clustered.clusters, config, progress)
+        negatives = make_negatives(emb, neighbours, clustered, config, progress)
     return finish_plan(emb, fingerprint, config, graph, clustered, batches, negatives, out,
                        timings=timings, progress=progress, report=report)
 
@@ -166,7 +154,7 @@ def finish_plan(
     fingerprint: str,
     config: MiningConfig,
     graph: sp.csr_matrix,
-    clustered: ClusterResult,
+    clustered: clustering.Clusters,
     batches: Batches,
     negatives: np.ndarray | None,
     out: str | Path,
@@ -178,7 +166,7 @@ def finish_plan(
     """Report, assemble and atomically write the plan (the last stage of every engine)."""
     timings = dict(timings or {})
     stats: dict[str, Any] = {"graph": degree_stats(graph), "communities_found":
-                             int(len(clustered.community_sizes))}
+                             clustered.communities}
     extra: dict[str, bytes] = {}
     if report and batches.rows.size:
         with _timed(timings, "report"), stage_progress(progress, "report", 1):
@@ -195,7 +183,7 @@ def finish_plan(
             stats["quality"]["plan_mean"] = rep["plan"]["mean"]
             stats["quality"]["random_mean"] = rep["random"]["mean"]
     stats["timings"] = timings
-    c = clustered.clusters
+    c = clustered
     tables = PlanTables(ids=emb.ids, clusters=c.members, cluster_padded=c.padded,
                         batches=batches.rows, batch_cluster=batches.cluster,
                         batch_padded=batches.padded, negatives=negatives, extra_files=extra)

@@ -116,7 +116,7 @@ def random_baseline(n: int, k: int, seed: int) -> Clusters:
     rows = np.random.default_rng(seed).permutation(n)
     whole = (n // k) * k
     members = rows[:whole].reshape(-1, k)
-    return Clusters(members, np.zeros(members.shape, bool), np.sort(rows[whole:]), 0)
+    return Clusters(members, np.zeros(members.shape, bool), np.sort(rows[whole:]))
 
 
 def main() -> None:

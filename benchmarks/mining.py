@@ -49,7 +49,7 @@ def run(emb: Embeddings, config: MiningConfig, out: Path, exact_window: np.ndarr
         with measured(rec, "clusters"):
             clustered = make_clusters(graph, config)
         with measured(rec, "batches"):
-            batches = make_batches(clustered.clusters, config, graph)
+            batches = make_batches(clustered, config, graph)
         with measured(rec, "report_write"):
             plan = finish_plan(emb, fingerprint, config, graph, clustered, batches, None, out)
     rec["total_s"] = round(time.perf_counter() - start, 2)

@@ -1,8 +1,10 @@
 """Mining at scale on Dask: the same stages and the same plan as ``b3mine.mining.mine``.
 
->>> from pipelines import mine                                              # doctest: +SKIP
->>> plan = mine("corpus.parquet", MiningConfig(), "plans", workers=2)      # LocalCluster
->>> plan = mine("corpus.parquet", MiningConfig(), "plans", scheduler="tcp://host:8786")
+Examples (they need a corpus and a cluster, so doctest skips them)::
+
+    from pipelines import mine
+    plan = mine("corpus.parquet", MiningConfig(), "plans", workers=2)      # a LocalCluster
+    plan = mine("corpus.parquet", MiningConfig(), "plans", scheduler="tcp://host:8786")
 """
 from __future__ import annotations
 

@@ -27,7 +27,6 @@ from b3mine.config import EmbeddingSource, MiningConfig
 from b3mine.embeddings import Embeddings, parquet_files, read_ids_file, vector_column
 from b3mine.errors import InputError
 from b3mine.mining import (
-    ClusterResult,
     build_graph,
     finish_plan,
     make_batches,
@@ -509,8 +508,7 @@ def clusters_task(work_root: str, config: MiningConfig, n_nodes: int, fail: bool
     """One task over the whole graph (``b3mine.mining.make_clusters``)."""
     _maybe_fail("clusters", fail)
     work = WorkDir(work_root)
-    result = make_clusters(read_graph(work, n_nodes), config)
-    c = result.clusters
+    c = make_clusters(read_graph(work, n_nodes), config)
     n_clusters, k = c.members.shape
     write_parquet(work.path("clusters.parquet"), pa.table({
         "cluster": pa.array(np.repeat(np.arange(n_clusters, dtype=np.int64), k)),
@@ -520,22 +518,20 @@ def clusters_task(work_root: str, config: MiningConfig, n_nodes: int, fail: bool
     write_parquet(work.path("dropped.parquet"),
                   pa.table({"row": pa.array(c.dropped.astype(np.int64))}))
     write_parquet(work.path("communities.parquet"),
-                  pa.table({"size": pa.array(np.asarray(result.community_sizes, np.int64))}))
+                  pa.table({"size": pa.array(np.asarray(c.community_sizes, np.int64))}))
     return {"n_clusters": int(n_clusters), "cluster_size": int(k),
             "communities": int(c.communities)}
 
 
-def read_clusters(work: WorkDir, meta: dict[str, Any]) -> ClusterResult:
+def read_clusters(work: WorkDir, meta: dict[str, Any]) -> clustering.Clusters:
     t = pq.read_table(work.path("clusters.parquet"))
     shape = (meta["n_clusters"], meta["cluster_size"])
     members = t.column("row").to_numpy().reshape(shape)
     padded = t.column("padded").to_numpy(zero_copy_only=False).reshape(shape)
     dropped = pq.read_table(work.path("dropped.parquet")).column("row").to_numpy()
     sizes = pq.read_table(work.path("communities.parquet")).column("size").to_numpy()
-    return ClusterResult(
-        clusters=clustering.Clusters(members=members, padded=padded, dropped=dropped,
-                                     communities=meta["communities"]),
-        community_sizes=sizes)
+    return clustering.Clusters(members=members, padded=padded, dropped=dropped,
+                               community_sizes=sizes)
 
 
 def batches_task(work_root: str, config: MiningConfig, cluster_meta: dict[str, Any],
@@ -545,7 +541,7 @@ def batches_task(work_root: str, config: MiningConfig, cluster_meta: dict[str, A
     work = WorkDir(work_root)
     # only graph-aware grouping needs the graph; random grouping skips reading it
     graph = read_graph(work, n_nodes) if config.batch_grouping != "random" else None
-    b = make_batches(read_clusters(work, cluster_meta).clusters, config, graph)
+    b = make_batches(read_clusters(work, cluster_meta), config, graph)
     write_parquet(work.path("batches.parquet"), pa.table({
         "row": pa.array(b.rows.reshape(-1)),
         "cluster": pa.array(b.cluster.reshape(-1)),
@@ -573,7 +569,7 @@ def negatives_task(work_root: str, config: MiningConfig, load_meta: dict[str, An
         return {"present": False}
     emb = work_embeddings(work, read_ids(work), load_meta["source"])
     neighbours = read_neighbours(work, parts)
-    clusters = read_clusters(work, cluster_meta).clusters
+    clusters = read_clusters(work, cluster_meta)
     neg = make_negatives(emb, neighbours, clusters, config)
     assert neg is not None
     write_parquet(work.path("negatives.parquet"), pa.table({

@@ -131,7 +131,7 @@ def test_affinity_grouping_puts_linked_clusters_together(tmp_path):
     emb = Embeddings.from_arrays(np.arange(1600), x)
     cfg = MiningConfig(batch_size=64, cluster_size=8, p=2, m=20)
     graph = build_graph(compute_neighbours(prepare(emb, cfg), cfg), cfg)
-    members = make_clusters(graph, cfg).clusters.members
+    members = make_clusters(graph, cfg).members
     aff = cluster_affinity(graph, members)
     assert (aff != aff.T).nnz == 0 and aff.diagonal().sum() == 0
     rng = np.random.default_rng(0)
