@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -24,11 +24,24 @@ Policy = Literal["drop", "fill"]
 NegativeMode = Literal["none", "hnps", "hnips"]
 
 
-class _Frozen(BaseModel):
+class FrozenConfig(BaseModel):
+    """Base of every configuration object: immutable, unknown keys refused, loadable from a file."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
 
+    @classmethod
+    def from_file(cls, path: str | Path) -> Self:
+        """Read a config from JSON (or TOML when the file ends in .toml)."""
+        path = Path(path)
+        text = path.read_text()
+        if path.suffix == ".toml":
+            import tomllib
 
-class NeighbourConfig(_Frozen):
+            return cls.model_validate(tomllib.loads(text))
+        return cls.model_validate_json(text)
+
+
+class NeighbourConfig(FrozenConfig):
     """How the teacher's rank lists are computed."""
 
     index: IndexKind = Field(
@@ -51,7 +64,7 @@ class NeighbourConfig(_Frozen):
     threads: int | None = Field(None, ge=1, description="FAISS OpenMP threads; None = all cores")
 
 
-class NegativesConfig(_Frozen):
+class NegativesConfig(FrozenConfig):
     """Extra hard negatives per example, as in B3 (HNPS / HNIPS)."""
 
     mode: NegativeMode = "none"
@@ -66,7 +79,7 @@ class NegativesConfig(_Frozen):
     )
 
 
-class MiningConfig(_Frozen):
+class MiningConfig(FrozenConfig):
     """Everything that decides a plan. Two equal configs on the same data give the same plan."""
 
     batch_size: int = Field(1024, ge=1, description="examples per global batch (B)")
@@ -126,19 +139,8 @@ class MiningConfig(_Frozen):
     def digest(self) -> str:
         return hashlib.sha256(self.canonical_json().encode()).hexdigest()
 
-    @classmethod
-    def from_file(cls, path: str | Path) -> MiningConfig:
-        """Read a config from JSON (or TOML when the file ends in .toml)."""
-        path = Path(path)
-        text = path.read_text()
-        if path.suffix == ".toml":
-            import tomllib
 
-            return cls.model_validate(tomllib.loads(text))
-        return cls.model_validate_json(text)
-
-
-class EmbeddingSource(_Frozen):
+class EmbeddingSource(FrozenConfig):
     """Where the teacher embeddings are, and which columns hold what.
 
     Parquet: one file (or a directory of files) with an id column and a `list<float32>` or

@@ -197,19 +197,22 @@ def parquet_files(path: Path) -> list[Path]:
     return [path]
 
 
+def open_parquet(path: Path, columns: list[str]) -> pq.ParquetFile:
+    """Open one Parquet file, checking it is readable and holds ``columns`` (named errors)."""
+    try:
+        meta = pq.ParquetFile(path, memory_map=True)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise InputError(f"not a readable Parquet file: {exc}", file=str(path)) from exc
+    names = meta.schema_arrow.names
+    for col in columns:
+        if col not in names:
+            raise InputError("missing column", file=str(path), column=col,
+                             expected=f"one of the columns {names}")
+    return meta
+
+
 def _read_parquet(path: Path, columns: list[str]) -> pa.Table:
-    files = parquet_files(path)
-    tables = []
-    for f in files:
-        try:
-            schema = pq.read_schema(f)
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise InputError(f"not a readable Parquet file: {exc}", file=str(f)) from exc
-        for col in columns:
-            if col not in schema.names:
-                raise InputError("missing column", file=str(f), column=col,
-                                 expected=f"one of the columns {schema.names}")
-        tables.append(pq.read_table(f, columns=columns, memory_map=True))
+    tables = [open_parquet(f, columns).read(columns=columns) for f in parquet_files(path)]
     return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
 
 

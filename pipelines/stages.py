@@ -24,7 +24,13 @@ import scipy.sparse as sp
 from b3mine import clustering
 from b3mine.batches import Batches
 from b3mine.config import EmbeddingSource, MiningConfig
-from b3mine.embeddings import Embeddings, parquet_files, read_ids_file, vector_column
+from b3mine.embeddings import (
+    Embeddings,
+    open_parquet,
+    parquet_files,
+    read_ids_file,
+    vector_column,
+)
 from b3mine.errors import InputError
 from b3mine.mining import (
     build_graph,
@@ -66,15 +72,7 @@ class ParquetRows:
         files = parquet_files(Path(path))
         groups = []
         for f in files:
-            try:
-                meta = pq.ParquetFile(f)
-            except (pa.ArrowInvalid, OSError) as exc:
-                raise InputError(f"not a readable Parquet file: {exc}", file=str(f)) from exc
-            names = meta.schema_arrow.names
-            for col in columns:
-                if col not in names:
-                    raise InputError("missing column", file=str(f), column=col,
-                                     expected=f"one of the columns {names}")
+            meta = open_parquet(f, columns)
             groups.append(tuple(meta.metadata.row_group(g).num_rows
                                 for g in range(meta.num_row_groups)))
         return cls(tuple(str(f) for f in files), tuple(groups))

@@ -2,7 +2,6 @@
 registry (the end-to-end runs under uvicorn are in test_service_e2e.py)."""
 from __future__ import annotations
 
-import io
 import os
 import threading
 import time
@@ -144,7 +143,7 @@ def test_invalid_configs_name_the_field(client: TestClient) -> None:
 
 def test_unknown_things_are_404(client: TestClient, small_plan: BatchPlan) -> None:
     pid = small_plan.plan_id
-    cases = [(f"/v1/plans/nope", "path.plan_id"), (f"/v1/plans/..", None),
+    cases = [("/v1/plans/nope", "path.plan_id"), ("/v1/plans/..", None),
              (f"/v1/plans/{pid}/epochs/9/batches", "path.epoch"),
              (f"/v1/plans/{pid}/epochs/0/batches/999999", "path.batch"),
              ("/v1/jobs/unknown", "path.job_id")]

@@ -12,21 +12,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from b3mine.config import FrozenConfig
 
 ModelKind = Literal["student", "minilm"]
 Objective = Literal["infonce", "sogclr", "em"]
 SamplerKind = Literal["plan", "random", "kmeans"]
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
 
-class AdapterConfig(_Frozen):
+class AdapterConfig(FrozenConfig):
     """Three-phase adapter training (ALGORITHMS.md §6), run after the main steps.
 
     Phase 1 is the main loop (backbone + adapter on ``batch_size`` batches). Phase 2 freezes the
@@ -43,7 +42,7 @@ class AdapterConfig(_Frozen):
     transfer_chunk: int = Field(128, ge=1, description="phase 3 backbone segment size")
 
 
-class TrainConfig(_Frozen):
+class TrainConfig(FrozenConfig):
     """One training run of the reference dual encoder."""
 
     # -- data ----------------------------------------------------------------------------------
@@ -125,14 +124,3 @@ class TrainConfig(_Frozen):
         data = self.model_dump(mode="json", exclude={"output_dir", "progress", "eval_every",
                                                      "checkpoint_every", "threads", "plans_dir"})
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
-
-    @classmethod
-    def from_file(cls, path: str | Path) -> TrainConfig:
-        """Read a config from JSON, or TOML when the file ends in .toml."""
-        path = Path(path)
-        text = path.read_text()
-        if path.suffix == ".toml":
-            import tomllib
-
-            return cls.model_validate(tomllib.loads(text))
-        return cls.model_validate_json(text)
