@@ -2,7 +2,8 @@
 
 Three searchers, all searched in blocks of queries so memory stays bounded:
 
-* FAISS on CPU: ``flat`` (exact inner product), ``ivf`` and ``hnsw`` (approximate);
+* FAISS on CPU: ``flat`` (exact inner product), ``ivf`` and ``hnsw`` (approximate); with the
+  optional ``faiss-gpu`` build and a GPU, IVF indexes are searched on the GPU;
 * ``torch``: exact, plain torch (fp16 GEMM + top-k per block) on CUDA; ``flat`` switches to it
   automatically when a GPU is present (``device="auto"``). It also runs on CPU in float32,
   which is how it is tested without a GPU.
@@ -121,8 +122,19 @@ def faiss_search(
     config: NeighbourConfig,
     progress: ProgressCallback | None = None,
 ) -> Neighbours:
-    index = build_index(targets, k, config)
+    index = on_gpu_if_available(build_index(targets, k, config), resolve_device(config.device))
     return search_index(index, queries, k, config.block_size, progress)
+
+
+def on_gpu_if_available(index, device: str):
+    """The index moved to every GPU when the optional faiss-gpu build sees one. Only IVF gets
+    here on a GPU (exact search takes the torch path; FAISS has no GPU HNSW). With faiss-cpu,
+    or on CPU, the index is returned as it is."""
+    faiss = _faiss()
+    if (device != "cuda" or faiss.get_num_gpus() == 0
+            or isinstance(index, faiss.IndexHNSW)):
+        return index
+    return faiss.index_cpu_to_all_gpus(index)
 
 
 def search_index(index, queries: np.ndarray, k: int, block_size: int,

@@ -91,3 +91,11 @@ def test_window_graph_properties_on_real_ranks(data):
     assert g.nnz < sym.nnz
     stats = degree_stats(g)
     assert stats["edges"] == g.nnz // 2
+
+
+def test_index_stays_on_cpu_without_a_gpu(data):
+    from b3mine.neighbours import build_index, on_gpu_if_available
+
+    index = build_index(data, 5, NeighbourConfig(index="ivf"))
+    assert on_gpu_if_available(index, "cpu") is index
+    assert on_gpu_if_available(index, "cuda") is index  # faiss-cpu: get_num_gpus() == 0
