@@ -113,7 +113,43 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if teacher:
         print(f"| teacher all-MiniLM-L6-v2 (frozen, reference) | - | {teacher['recall@1']:.3f} | "
               f"{teacher['recall@10']:.3f} | {teacher['mrr']:.3f} |")
+    plot = plot_summary(summary, teacher, a.batch_sizes, a.out / "quality.png")
+    print(f"\nplot: {plot}")
     return runs
+
+
+def plot_summary(summary: list[dict[str, Any]], teacher: dict[str, float] | None,
+                 batch_sizes: list[int], path: Path) -> Path:
+    """Recall@1 (mean ± std over seeds) per sampler, grouped by batch size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(dict.fromkeys(e["summary"] for e in summary))
+    width = 0.8 / max(len(names), 1)
+    fig, ax = plt.subplots(figsize=(9, 4))
+    for i, name in enumerate(names):
+        rows = {e["batch_size"]: e["recall@1"] for e in summary if e["summary"] == name}
+        xs = [j + i * width for j, b in enumerate(batch_sizes) if b in rows]
+        ax.bar(xs, [rows[b]["mean"] for b in batch_sizes if b in rows], width,
+               yerr=[rows[b]["std"] for b in batch_sizes if b in rows], capsize=3,
+               label=LABELS[name])
+    if teacher:
+        ax.axhline(teacher["recall@1"], color="black", linestyle="--", linewidth=1,
+                   label="teacher MiniLM (frozen)")
+    ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(batch_sizes))],
+                  [f"batch {b}" for b in batch_sizes])
+    ax.set_ylabel("held-out recall@1")
+    lows = [e["recall@1"]["mean"] - 2 * e["recall@1"]["std"] for e in summary]
+    ax.set_ylim(max(0.0, min(lows) - 0.05), None)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.set_title("Demo corpus, student encoder: batch sampler vs held-out recall@1")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 if __name__ == "__main__":
