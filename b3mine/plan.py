@@ -382,19 +382,36 @@ class BatchPlan(PlanShape):
     def clusters_table(self) -> pa.Table:
         return pq.read_table(self.path / CLUSTERS, memory_map=True)
 
-    def negatives_table(self) -> pa.Table | None:
+    @cached_property
+    def _negatives(self) -> pa.Table | None:
         if not self.has_negatives:
             return None
         return pq.read_table(self.path / NEGATIVES, memory_map=True)
 
-    def negatives_for(self, rows: np.ndarray) -> list[list[int]]:
-        """Extra hard-negative rows for each of ``rows`` (empty lists when the plan has none)."""
+    def negatives_table(self) -> pa.Table | None:
+        return self._negatives
+
+    def negatives_take(self, rows: np.ndarray) -> dict[str, pa.Array] | None:
+        """``negative_rows`` and ``negative_ids`` list arrays aligned with ``rows`` (null where a
+        row has no entry); None when the plan has no negatives. The one lookup that the
+        service's epoch files and the trainers' sources share."""
         table = self.negatives_table()
         if table is None:
+            return None
+        neg_rows = table.column("row").to_numpy()  # ascending: written from np.unique
+        rows = np.asarray(rows, dtype=np.int64)
+        pos = np.searchsorted(neg_rows, rows).clip(0, max(len(neg_rows) - 1, 0))
+        found = neg_rows[pos] == rows if len(neg_rows) else np.zeros(len(rows), bool)
+        index = pa.array(pos, type=pa.int64(), mask=~found)
+        return {name: table.column(name).combine_chunks().take(index)
+                for name in ("negative_rows", "negative_ids")}
+
+    def negatives_for(self, rows: np.ndarray) -> list[list[int]]:
+        """Extra hard-negative rows for each of ``rows`` (empty lists when the plan has none)."""
+        taken = self.negatives_take(rows)
+        if taken is None:
             return [[] for _ in rows]
-        index = {r: i for i, r in enumerate(table.column("row").to_numpy())}
-        lists = table.column("negative_rows")
-        return [lists[index[int(r)]].as_py() if int(r) in index else [] for r in rows]
+        return [negs or [] for negs in taken["negative_rows"].to_pylist()]
 
     def report(self) -> dict[str, Any] | None:
         path = self.path / "report.json"

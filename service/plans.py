@@ -216,10 +216,10 @@ class PlanStore:
             return path
         path.parent.mkdir(parents=True, exist_ok=True)
         table = plan.epoch_table(epoch).drop_columns(["epoch"])
-        negatives = plan.negatives_table()
-        if negatives is not None:
-            for name, column in _gather_negatives(negatives, table).items():
-                table = table.append_column(name, column)
+        taken = plan.negatives_take(table.column("row").to_numpy())
+        if taken is not None:
+            table = table.append_column("negatives", taken["negative_rows"])
+            table = table.append_column("negative_ids", taken["negative_ids"])
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
         try:
             with pa.OSFile(str(tmp), "wb") as sink, ipc.new_file(sink, table.schema) as writer:
@@ -229,25 +229,6 @@ class PlanStore:
         finally:
             tmp.unlink(missing_ok=True)
         return path
-
-
-def _gather_negatives(negatives: pa.Table, epoch: pa.Table) -> dict[str, pa.ChunkedArray]:
-    """The ``negatives`` (rows) and ``negative_ids`` lists of each epoch row (null for rows
-    without an entry)."""
-    neg_rows = negatives.column("row").to_numpy()
-    order = np.argsort(neg_rows, kind="stable")
-    sorted_rows = neg_rows[order]
-    rows = epoch.column("row").to_numpy()
-    pos = np.searchsorted(sorted_rows, rows).clip(0, max(len(sorted_rows) - 1, 0))
-    found = sorted_rows[pos] == rows if len(sorted_rows) else np.zeros(len(rows), bool)
-    idx = pa.array(order[pos], mask=~found) if len(sorted_rows) else pa.nulls(len(rows),
-                                                                             pa.int64())
-    out = {}
-    for served, stored in (("negatives", "negative_rows"), ("negative_ids", "negative_ids")):
-        lists = negatives.column(stored).combine_chunks()
-        out[served] = (pa.chunked_array([lists.take(idx)]) if len(rows)
-                       else pa.chunked_array([], type=lists.type))
-    return out
 
 
 def dumps(obj: Any) -> bytes:

@@ -139,12 +139,11 @@ class LocalPlan(PlanShape):
     def __init__(self, plan: BatchPlan | str | Path, *, validate: bool = False) -> None:
         self._plan = plan if isinstance(plan, BatchPlan) else BatchPlan.open(plan,
                                                                           validate=validate)
-        self._negatives: tuple[dict[int, list[int]], dict[int, object]] | None = None
 
     def __repr__(self) -> str:
         return f"LocalPlan({str(self._plan.path)!r})"
 
-    # The ParquetFile handles and the negatives index are caches: rebuild them after pickling
+    # The plan's memory-mapped tables are caches: rebuild them after pickling
     # (spawned DataLoader workers, multiprocessing) instead of shipping memory maps around.
     def __getstate__(self) -> dict:
         return {"path": str(self._plan.path)}
@@ -168,35 +167,18 @@ class LocalPlan(PlanShape):
         check_epoch(self, epoch)
         return check_epoch_table(self, epoch, self._plan.epoch_table(epoch))
 
-    def _negatives_index(self) -> tuple[dict[int, list[int]], dict[int, object]]:
-        if self._negatives is None:
-            table = self._plan.negatives_table()
-            lists: dict[int, list[int]] = {}
-            id_of: dict[int, object] = {}
-            if table is not None:
-                rows = table.column("row").to_pylist()
-                lists = dict(zip(rows, table.column("negative_rows").to_pylist()))
-                for negs, neg_ids in zip(table.column("negative_rows").to_pylist(),
-                                         table.column("negative_ids").to_pylist()):
-                    id_of.update(zip(negs, neg_ids))
-            self._negatives = (lists, id_of)
-        return self._negatives
-
     def batch_negatives(self, epoch: int, batch: int) -> pa.Table:
         id_type = pa.int64() if self.manifest.dataset.id_type == "int64" else pa.string()
-        if not self.has_negatives:
+        rows = self._plan.batch_table(epoch, batch).column("row").to_numpy()
+        taken = self._plan.negatives_take(rows)
+        if taken is None:
             return empty_negatives(id_type)
-        rows = self._plan.batch_table(epoch, batch).column("row").to_pylist()
-        lists, id_of = self._negatives_index()
-        pos, neg = [], []
-        for p, r in enumerate(rows):
-            for n in lists.get(r, ()):
-                pos.append(p)
-                neg.append(n)
+        lists = taken["negative_rows"]
+        lengths = lists.value_lengths().fill_null(0).to_numpy(zero_copy_only=False)
         return pa.table({
-            "position": pa.array(pos, pa.int32()),
-            "row": pa.array(neg, pa.int64()),
-            "id": pa.array([id_of.get(n) for n in neg], id_type),
+            "position": pa.array(np.repeat(np.arange(len(rows), dtype=np.int32), lengths)),
+            "row": lists.flatten(),
+            "id": taken["negative_ids"].flatten(),
         })
 
 
