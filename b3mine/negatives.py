@@ -35,7 +35,9 @@ def _sample_rows(keys: np.ndarray, candidates: np.ndarray, k: int) -> np.ndarray
     chosen = np.take_along_axis(candidates, order, axis=1)
     ok = np.isfinite(np.take_along_axis(keys, order, axis=1))
     n_ok = ok.sum(axis=1)
-    for i in np.flatnonzero(n_ok > 0):  # cycle survivors to fill k slots
+    full = n_ok == k  # (fewer than k columns can never fill a row)
+    out[full] = chosen[full]  # the common case, without a Python loop over rows
+    for i in np.flatnonzero((n_ok > 0) & ~full):  # cycle survivors to fill k slots
         good = chosen[i, ok[i]]
         out[i] = good[np.arange(k) % len(good)]
     return out
