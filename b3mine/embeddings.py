@@ -105,7 +105,7 @@ class Embeddings:
 
 
 def _check_matrix(m: np.ndarray, source: str, column: str) -> np.ndarray:
-    m = np.asarray(m) if not isinstance(m, np.memmap) else m
+    m = np.asarray(m)  # a memory map stays mapped: no copy
     if m.ndim != 2 or m.shape[1] == 0:
         raise InputError("embeddings must be a 2-D matrix", file=source, column=column,
                          expected="shape (rows, dim>0)", got=str(m.shape))

@@ -33,13 +33,17 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
 from b3mine.errors import B3MineError
 from b3mine.plan import PlanManifest, PlanShape
-from trainers.plans import check_epoch, check_epoch_table, empty_negatives
+from trainers.plans import (
+    check_epoch,
+    check_epoch_table,
+    empty_negatives,
+    negatives_by_position,
+)
 
 ARROW_STREAM = "application/vnd.apache.arrow.stream"
 API_KEY_ENV = "B3MINE_API_KEY"
@@ -333,12 +337,5 @@ class PlanClient(PlanShape):
             return empty_negatives(id_type)
         b = self.batch_size
         part = table.slice(batch * b, b)
-        lists = part.column("negatives").combine_chunks()
-        lengths = lists.value_lengths().fill_null(0).to_numpy(zero_copy_only=False)
-        neg_rows = lists.flatten().to_numpy()
-        ids = part.column("negative_ids").combine_chunks().flatten()
-        return pa.table({
-            "position": pa.array(np.repeat(np.arange(b, dtype=np.int32), lengths)),
-            "row": pa.array(neg_rows, pa.int64()),
-            "id": ids,
-        })
+        return negatives_by_position(part.column("negatives").combine_chunks(),
+                                     part.column("negative_ids").combine_chunks())

@@ -123,6 +123,17 @@ def check_epoch_table(source: PlanSource, epoch: int, table: pa.Table) -> pa.Tab
     return table
 
 
+def negatives_by_position(rows: pa.Array, ids: pa.Array) -> pa.Table:
+    """`batch_negatives` lines from per-position list arrays of negative rows and ids (null or
+    empty lists: no negatives at that position)."""
+    lengths = rows.value_lengths().fill_null(0).to_numpy(zero_copy_only=False)
+    return pa.table({
+        "position": pa.array(np.repeat(np.arange(len(rows), dtype=np.int32), lengths)),
+        "row": rows.flatten().cast(pa.int64()),
+        "id": ids.flatten(),
+    })
+
+
 def empty_negatives(id_type: pa.DataType = pa.int64()) -> pa.Table:
     return pa.table({"position": pa.array([], pa.int32()), "row": pa.array([], pa.int64()),
                      "id": pa.array([], id_type)})
@@ -173,13 +184,7 @@ class LocalPlan(PlanShape):
         taken = self._plan.negatives_take(rows)
         if taken is None:
             return empty_negatives(id_type)
-        lists = taken["negative_rows"]
-        lengths = lists.value_lengths().fill_null(0).to_numpy(zero_copy_only=False)
-        return pa.table({
-            "position": pa.array(np.repeat(np.arange(len(rows), dtype=np.int32), lengths)),
-            "row": lists.flatten(),
-            "id": taken["negative_ids"].flatten(),
-        })
+        return negatives_by_position(taken["negative_rows"], taken["negative_ids"])
 
 
 def open_source(source: PlanSource | BatchPlan | str | Path) -> PlanSource:
