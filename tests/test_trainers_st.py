@@ -1,4 +1,4 @@
-"""sentence-transformers trains two steps on the packaged MiniLM with a plan's batches."""
+"""sentence-transformers trains on the packaged MiniLM with a plan's batches, checkpoints and resumes."""
 from __future__ import annotations
 
 import os
@@ -36,10 +36,14 @@ def model():
 
 
 @pytest.mark.slow
-def test_trainer_uses_the_plan_batches(model, tmp_path):
+def test_trainer_checkpoints_and_resumes_on_the_next_plan_batch(model, tmp_path, monkeypatch):
+    """Saving on (the default): every checkpoint torch.saves the training arguments, sampler
+    included, and resume_from_checkpoint trains on the plan batch after the checkpoint's."""
     import torch
     from sentence_transformers import (SentenceTransformerTrainer,
                                        SentenceTransformerTrainingArguments)
+    from sentence_transformers.sentence_transformer.data_collator import (
+        SentenceTransformerDataCollator)
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
     from trainers.sentence_transformers import PlanSTBatchSampler
@@ -59,32 +63,47 @@ def test_trainer_uses_the_plan_batches(model, tmp_path):
     train = datasets.Dataset.from_dict({"anchor": [anchors[i] for i in order],
                                         "positive": [positives[i] for i in order]})
     train_ids = [ids[i] for i in order]
+    id_of_anchor = dict(zip(anchors, ids))
 
-    seen: list[list[int]] = []
+    # The ids of each batch collated, in training order (accelerate's loader collates one batch
+    # ahead of the one being trained on, so the list runs one batch past the last step).
+    trained: list[list[str]] = []
+    collate = SentenceTransformerDataCollator.__call__
 
-    class Recording(PlanSTBatchSampler.configure(plan, ids=train_ids)):  # type: ignore[misc]
-        def __iter__(self):
-            for batch in super().__iter__():
-                seen.append(batch)
-                yield batch
+    def recording(self, features):
+        trained.append([id_of_anchor[f["anchor"]] for f in features])
+        return collate(self, features)
 
-    args = SentenceTransformerTrainingArguments(
-        output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=4,
-        learning_rate=1e-5, batch_sampler=Recording, report_to=[], save_strategy="no",
-        logging_steps=1, use_cpu=True, dataloader_num_workers=0, seed=0)
+    monkeypatch.setattr(SentenceTransformerDataCollator, "__call__", recording)
+
+    def trainer_for(max_steps: int) -> SentenceTransformerTrainer:
+        args = SentenceTransformerTrainingArguments(
+            output_dir=str(tmp_path / "out"), max_steps=max_steps, per_device_train_batch_size=4,
+            learning_rate=1e-5, report_to=[], save_strategy="steps", save_steps=1,
+            logging_steps=1, use_cpu=True, dataloader_num_workers=0, seed=0,
+            batch_sampler=PlanSTBatchSampler.configure(plan, ids=train_ids))
+        return SentenceTransformerTrainer(model=model, args=args, train_dataset=train,
+                                          loss=MultipleNegativesRankingLoss(model))
+
     before = model[0].auto_model.embeddings.word_embeddings.weight.detach().clone()
-    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=train,
-                                         loss=MultipleNegativesRankingLoss(model))
-    result = trainer.train()
-
+    result = trainer_for(2).train()
     assert result.global_step == 2 and np.isfinite(result.training_loss)
     assert not torch.equal(before, model[0].auto_model.embeddings.word_embeddings.weight)
     # The trainer's batch size (4) was replaced by the plan's (16), and the batches trained on
     # are the plan's first two, mapped through the ids into the shuffled dataset.
-    plan_rows = plan.batch_rows(0)
-    assert len(seen) >= 2
-    for k in range(2):
-        assert [train_ids[i] for i in seen[k]] == [ids[r] for r in plan_rows[k]]
+    plan_ids = [[ids[r] for r in batch] for batch in plan.batch_rows(0)]
+    assert trained[:2] == plan_ids[:2]
+
+    # The saved arguments load back with a working sampler (LocalPlan pickles as its path).
+    saved = torch.load(tmp_path / "out" / "checkpoint-1" / "training_args.bin",
+                       weights_only=False)
+    reloaded = saved.batch_sampler(train, batch_size=4, drop_last=False)
+    assert [[train_ids[i] for i in b] for b in reloaded] == plan_ids
+
+    trained.clear()
+    resumed = trainer_for(3).train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-1"))
+    assert resumed.global_step == 3
+    assert trained[:2] == plan_ids[1:3]  # batch 0 is skipped, training goes on from batch 1
 
 
 def test_configure_is_required_and_other_datasets(tmp_path, small_plan):

@@ -17,7 +17,7 @@ _EXPORTS = {
     "PlanDatasetMismatch": "trainers.plans",
     "PlanExhausted": "trainers.plans",
     "rank_slice": "trainers.plans",
-    "open_source": "trainers.plans",
+    "open_source": "trainers.sources",
     "PlanClient": "trainers.client",
     "PlanServiceError": "trainers.client",
     "PlanServiceUnavailable": "trainers.client",
@@ -36,9 +36,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from trainers.client import PlanClient, PlanServiceError, PlanServiceUnavailable
     from trainers.collate import HardNegativeBatch, HardNegativeCollator, split_hard_negatives
     from trainers.plans import (LocalPlan, PlanDatasetMismatch, PlanExhausted, PlanSource,
-                                open_source, rank_slice)
+                                rank_slice)
     from trainers.samplers import DatasetIndex, PlanBatchSampler, PlanStateMismatch
     from trainers.sentence_transformers import PlanSTBatchSampler
+    from trainers.sources import open_source
 
 
 def __getattr__(name: str) -> Any:

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
@@ -322,6 +323,9 @@ class PlanClient(PlanShape):
             url = f"/v1/plans/{self._plan_id}/epochs/{epoch}/batches"
             got = self._get(url, accept=ARROW_STREAM)
             assert isinstance(got, pa.Table)
+            if "epoch" not in got.column_names:  # the stream is one epoch: the column is implied
+                got = got.add_column(0, "epoch", pa.array(
+                    np.full(got.num_rows, epoch, dtype=np.int32)))
             table = check_epoch_table(self, epoch, got)
             self._epochs[epoch] = table
             while len(self._epochs) > max(self.memory_epochs, 1):

@@ -2,7 +2,7 @@
 
 A plan source answers the few questions a sampler asks: the plan's shape (epochs, batches per
 epoch, batch size, rows of the dataset it was mined from), one epoch's batches as an Arrow table
-(columns ``batch, position, row, id, cluster, padded``, in plan order) and the extra hard
+(columns ``epoch, batch, position, row, id, cluster, padded``, in plan order) and the extra hard
 negatives of one batch. `LocalPlan` reads a plan directory; `trainers.client.PlanClient` asks
 the REST service. Both satisfy `PlanSource`, so samplers and collators never care which.
 
@@ -26,8 +26,8 @@ from b3mine.plan import BatchPlan, PlanManifest, PlanShape
 from b3mine.sharding import ShardError
 from b3mine.sharding import rank_slice as _rank_slice
 
-#: Columns every epoch table carries (a source may add more, e.g. ``epoch``).
-EPOCH_COLUMNS = ("batch", "position", "row", "id", "cluster", "padded")
+#: Columns every epoch table carries (a source may add more, e.g. ``negatives``).
+EPOCH_COLUMNS = ("epoch", "batch", "position", "row", "id", "cluster", "padded")
 #: Columns of `PlanSource.batch_negatives`: one line per (position, negative).
 NEGATIVE_COLUMNS = ("position", "row", "id")
 
@@ -185,21 +185,6 @@ class LocalPlan(PlanShape):
         if taken is None:
             return empty_negatives(id_type)
         return negatives_by_position(taken["negative_rows"], taken["negative_ids"])
-
-
-def open_source(source: PlanSource | BatchPlan | str | Path) -> PlanSource:
-    """A `PlanSource` from a source, a `BatchPlan`, a plan directory or an ``http(s)://`` URL
-    of the form ``http://host:port/v1/plans/<plan_id>``."""
-    if isinstance(source, (str, Path)) and str(source).startswith(("http://", "https://")):
-        from trainers.client import PlanClient
-
-        return PlanClient.from_url(str(source))
-    if isinstance(source, (BatchPlan, str, Path)):
-        return LocalPlan(source)
-    if isinstance(source, PlanSource):
-        return source
-    raise TypeError(f"not a plan source: {source!r} (expected a plan directory, a BatchPlan, "
-                    f"a LocalPlan or a PlanClient)")
 
 
 def epoch_arrays(source: PlanSource, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -38,9 +38,9 @@ from trainers.plans import (
     PlanSource,
     check_epoch,
     epoch_arrays,
-    open_source,
     rank_slice,
 )
+from trainers.sources import open_source
 
 Layout = Literal["rank", "interleaved"]
 OnExhausted = Literal["error", "cycle"]
