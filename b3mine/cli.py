@@ -16,8 +16,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from b3mine.config import EmbeddingSource, MiningConfig, NegativesConfig, NeighbourConfig
+from b3mine.config import EmbeddingSource, MiningConfig, NegativesConfig
 from b3mine.errors import B3MineError
+from b3mine.flag_errors import guard_config_errors
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Hard-negative batch mining for contrastive learning (B3).")
@@ -47,8 +48,9 @@ def run_engine(engine: str, source: EmbeddingSource, config: MiningConfig, out: 
 def mine(
     embeddings: Annotated[Path, typer.Option(help="Parquet file/dir or .npy of teacher embeddings")],
     out: Annotated[Path, typer.Option(help="directory that holds plans")] = Path("plans"),
-    config_file: Annotated[Optional[Path], typer.Option("--config", help="JSON/TOML MiningConfig; "
-                           "flags below override it")] = None,
+    config_file: Annotated[Optional[Path], typer.Option(
+        "--config", exists=True, dir_okay=False,
+        help="JSON/TOML MiningConfig; flags below override it")] = None,
     id_column: str = "id",
     column: Annotated[str, typer.Option(help="embedding column")] = "embedding",
     target_column: Annotated[Optional[str], typer.Option(help="paired data: target column")] = None,
@@ -63,8 +65,10 @@ def mine(
     graph: Annotated[Optional[str], typer.Option(help="mutual | symmetric")] = None,
     index: Annotated[Optional[str], typer.Option(help="flat | ivf | hnsw | torch")] = None,
     nprobe: Optional[int] = None,
-    negatives: Annotated[Optional[str], typer.Option(help="none | hnps | hnips")] = None,
-    k_neg: Optional[int] = None,
+    negatives_mode: Annotated[Optional[str], typer.Option(
+        "--negatives", help="none | hnps | hnips")] = None,
+    negatives_k: Annotated[Optional[int], typer.Option(
+        "--k-neg", help="extra negatives per example")] = None,
     epochs: Optional[int] = None,
     seed: Optional[int] = None,
     remainder: Annotated[Optional[str], typer.Option(help="drop | fill")] = None,
@@ -83,12 +87,12 @@ def mine(
                                  batch_grouping=batch_grouping).items()
            if v is not None}
     nb = {k: v for k, v in dict(index=index, nprobe=nprobe).items() if v is not None}
-    ng = {k: v for k, v in dict(mode=negatives, k=k_neg).items() if v is not None}
+    ng = {k: v for k, v in dict(mode=negatives_mode, k=negatives_k).items() if v is not None}
     data = base.model_dump()
     data.update(top)
-    data["neighbours"] = NeighbourConfig(**{**data["neighbours"], **nb}).model_dump()
-    data["negatives"] = NegativesConfig(**{**data["negatives"], **ng}).model_dump()
-    config = MiningConfig.model_validate(data)
+    data["neighbours"].update(nb)
+    data["negatives"].update(ng)
+    config = MiningConfig.model_validate(data)  # one validation: errors name the whole path
     source = EmbeddingSource(
         path=str(embeddings), id_column=id_column, column=column, target_column=target_column,
         target_path=str(target_path) if target_path else None,
@@ -198,10 +202,11 @@ def _register_plugins() -> None:
             app.command(name=ep.name)(command)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     _register_plugins()
+    command = guard_config_errors(typer.main.get_command(app))
     try:
-        app()
+        command.main(args=argv, prog_name="b3mine")
     except B3MineError as exc:
         err.print(f"[red]error:[/red] {exc}")
         raise SystemExit(2) from exc

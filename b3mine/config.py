@@ -18,6 +18,8 @@ from typing import Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from b3mine.errors import InputError
+
 IndexKind = Literal["flat", "ivf", "hnsw", "torch"]
 Algorithm = Literal["metis", "louvain", "igraph-louvain", "leiden"]
 Policy = Literal["drop", "fill"]
@@ -37,7 +39,11 @@ class FrozenConfig(BaseModel):
         if path.suffix == ".toml":
             import tomllib
 
-            return cls.model_validate(tomllib.loads(text))
+            try:
+                data = tomllib.loads(text)
+            except tomllib.TOMLDecodeError as exc:
+                raise InputError(f"not valid TOML: {exc}", file=str(path)) from exc
+            return cls.model_validate(data)
         return cls.model_validate_json(text)
 
 

@@ -29,6 +29,8 @@ class Embeddings:
     queries: np.ndarray
     targets: np.ndarray | None = None
     source: str = "<memory>"
+    #: what errors call the query and target matrices: the file's columns (None for .npy)
+    columns: tuple[str | None, str | None] = ("queries", "targets")
 
     @classmethod
     def from_arrays(
@@ -39,6 +41,7 @@ class Embeddings:
         *,
         source: str = "<memory>",
         normalize: bool = False,
+        columns: tuple[str | None, str | None] = ("queries", "targets"),
     ) -> Embeddings:
         ids = np.asarray(ids)
         if ids.dtype.kind not in "iuUO":
@@ -46,9 +49,9 @@ class Embeddings:
                              got=str(ids.dtype))
         if ids.dtype.kind == "O":
             ids = ids.astype(str)
-        q = _check_matrix(queries, source, "queries")
-        t = None if targets is None else _check_matrix(targets, source, "targets")
-        emb = cls(ids=ids, queries=q, targets=t, source=source)
+        q = _check_matrix(queries, source, columns[0])
+        t = None if targets is None else _check_matrix(targets, source, columns[1])
+        emb = cls(ids=ids, queries=q, targets=t, source=source, columns=columns)
         emb._check_aligned()
         return emb.normalized() if normalize else emb
 
@@ -72,10 +75,11 @@ class Embeddings:
         """L2-normalised copy (cosine similarity becomes inner product)."""
         return Embeddings(
             ids=self.ids,
-            queries=_l2_normalize(self.queries, self.source, "queries"),
+            queries=_l2_normalize(self.queries, self.source, self.columns[0]),
             targets=None if self.targets is None else _l2_normalize(self.targets, self.source,
-                                                                    "targets"),
+                                                                    self.columns[1]),
             source=self.source,
+            columns=self.columns,
         )
 
     def fingerprint(self) -> str:
@@ -101,10 +105,10 @@ class Embeddings:
         if self.targets is not None and self.targets.shape != self.queries.shape:
             raise InputError("query and target embeddings differ in shape", file=self.source,
                              expected=str(self.queries.shape), got=str(self.targets.shape))
-        _check_unique_ids(self.ids, self.source)
+        check_unique_ids(self.ids, self.source)
 
 
-def _check_matrix(m: np.ndarray, source: str, column: str) -> np.ndarray:
+def _check_matrix(m: np.ndarray, source: str, column: str | None) -> np.ndarray:
     m = np.asarray(m)  # a memory map stays mapped: no copy
     if m.ndim != 2 or m.shape[1] == 0:
         raise InputError("embeddings must be a 2-D matrix", file=source, column=column,
@@ -118,7 +122,7 @@ def _check_matrix(m: np.ndarray, source: str, column: str) -> np.ndarray:
     return m
 
 
-def _check_finite(m: np.ndarray, source: str, column: str) -> None:
+def _check_finite(m: np.ndarray, source: str, column: str | None) -> None:
     for start in range(0, m.shape[0], 65536):
         block = m[start : start + 65536]
         bad = ~np.isfinite(block).all(axis=1)
@@ -128,17 +132,19 @@ def _check_finite(m: np.ndarray, source: str, column: str) -> None:
                              row=row, expected="finite floats")
 
 
-def _check_unique_ids(ids: np.ndarray, source: str) -> None:
+def check_unique_ids(ids: np.ndarray, source: str) -> None:
+    """Raise `InputError` naming the file rows of the first duplicated id."""
     _, first, counts = np.unique(ids, return_index=True, return_counts=True)
     if (counts > 1).any():
         dup = int(np.argmax(counts > 1))
         later = np.flatnonzero(ids == ids[first[dup]])
-        value = ids[first[dup]].item()
+        value = ids[first[dup]]
+        value = value.item() if isinstance(value, np.generic) else value
         raise InputError(f"duplicate id {value!r}, first seen at row {int(later[0])}",
                          file=source, row=int(later[1]), expected="unique ids")
 
 
-def _l2_normalize(m: np.ndarray, source: str, column: str) -> np.ndarray:
+def _l2_normalize(m: np.ndarray, source: str, column: str | None) -> np.ndarray:
     norms = np.linalg.norm(m, axis=1, keepdims=True)
     zero = norms[:, 0] == 0
     if zero.any():
@@ -148,6 +154,14 @@ def _l2_normalize(m: np.ndarray, source: str, column: str) -> np.ndarray:
 
 
 # -- readers ---------------------------------------------------------------------------------
+
+def source_columns(source: EmbeddingSource) -> tuple[str | None, str | None]:
+    """The names errors give the query and target matrices of ``source``: its columns, or none
+    for a .npy matrix (which has no columns; the error names the file)."""
+    if Path(source.path).suffix == ".npy":
+        return (None, None)
+    return (source.column, source.target_column or source.column)
+
 
 def load_embeddings(source: EmbeddingSource | str | Path, *, normalize: bool = False) -> Embeddings:
     """Read embeddings as ``source`` describes (a bare path means defaults: id + embedding)."""
@@ -166,11 +180,13 @@ def load_embeddings(source: EmbeddingSource | str | Path, *, normalize: bool = F
 def _load_npy(source: EmbeddingSource) -> Embeddings:
     path = Path(source.path)
     if source.ids_path is None:
-        raise InputError(".npy embeddings need an aligned id file (ids_path)", file=str(path))
+        raise InputError(".npy embeddings need an aligned id file (--ids-path; ids_path in "
+                         "Python and in a job's source)", file=str(path))
     queries = _open_npy(path)
     targets = _open_npy(Path(source.target_path)) if source.target_path else None
     ids = read_ids_file(Path(source.ids_path))
-    return Embeddings.from_arrays(ids, queries, targets, source=str(path))
+    return Embeddings.from_arrays(ids, queries, targets, source=str(path),
+                                  columns=source_columns(source))
 
 
 def _open_npy(path: Path) -> np.ndarray:
@@ -282,7 +298,8 @@ def _load_parquet(source: EmbeddingSource) -> Embeddings:
         if m is not None and m.shape[1] == 0:
             raise InputError("empty embedding", file=str(path), column=name,
                              expected="dimension > 0", got="0")
-    return Embeddings.from_arrays(ids, queries, targets, source=str(path))
+    return Embeddings.from_arrays(ids, queries, targets, source=str(path),
+                                  columns=source_columns(source))
 
 
 def check_minimum_rows(emb: Embeddings, batch_size: int) -> None:

@@ -29,6 +29,7 @@ from b3mine.embeddings import (
     open_parquet,
     parquet_files,
     read_ids_file,
+    source_columns,
     vector_column,
 )
 from b3mine.errors import InputError
@@ -213,7 +214,8 @@ def load_shard(work_root: str, plan: SourcePlan, start: int, stop: int, normaliz
     if ids is None:
         ids = np.arange(start, stop)  # .npy: ids are checked as a whole by finish_load
     try:
-        emb = Embeddings.from_arrays(ids, q, t, source=plan.label)
+        emb = Embeddings.from_arrays(ids, q, t, source=plan.label,
+                                     columns=source_columns(plan.source))
     except InputError as exc:  # report the row in the whole input, not in the shard
         row = None if exc.row is None else start + exc.row
         raise InputError(exc.problem, file=exc.file, column=exc.column, row=row,

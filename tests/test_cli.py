@@ -48,5 +48,58 @@ def test_bad_input_is_a_clear_error(tmp_path, corpus_path):
     assert "Traceback" not in r.stderr
     r = b3mine("mine", "--embeddings", str(corpus_path), "--out", str(tmp_path),
                "--batch-size", "100", "--cluster-size", "32")
-    assert r.returncode != 0 and "multiple of cluster_size" in r.stderr
+    assert r.returncode == 2 and "--batch-size must be a multiple of --cluster-size" in r.stderr
     assert list_plans(tmp_path) == []
+
+
+def cli(capsys, *args: str) -> tuple[int, str]:
+    """``b3mine ARGS`` in this process: (exit code, stderr)."""
+    import pytest
+
+    from b3mine.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(list(args))
+    return info.value.code, capsys.readouterr().err
+
+
+def test_config_mistakes_are_one_line_naming_the_flag(tmp_path, capsys):
+    base = ("mine", "--embeddings", str(tmp_path / "missing.parquet"), "--out", str(tmp_path))
+    cases = {
+        ("--batch-size", "1000", "--cluster-size", "32"):
+            "error: --batch-size must be a multiple of --cluster-size "
+            "(got --batch-size=1000, --cluster-size=32)",
+        ("--algorithm", "kmeans"):
+            "error: --algorithm 'kmeans': expected one of 'metis', 'louvain', "
+            "'igraph-louvain' or 'leiden'",
+        ("--index", "faiss"):
+            "error: --index 'faiss': expected one of 'flat', 'ivf', 'hnsw' or 'torch'",
+        ("--p", "-1"): "error: --p -1: expected a number >= 0",
+        ("--negatives", "x", "--k-neg", "0"):
+            "error: --negatives 'x': expected one of 'none', 'hnps' or 'hnips'; "
+            "--k-neg 0: expected a number >= 1",
+    }
+    for flags, line in cases.items():
+        code, stderr = cli(capsys, *base, *flags)
+        assert (code, stderr.strip()) == (2, line), flags
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"neighbours": {"index": "faiss"}}))
+    code, stderr = cli(capsys, *base, "--config", str(cfg))
+    assert (code, stderr.strip()) == (2, f"error: --config {cfg}: neighbours.index 'faiss': "
+                                         "expected one of 'flat', 'ivf', 'hnsw' or 'torch'")
+    bad = tmp_path / "cfg.toml"
+    bad.write_text("p = [")
+    code, stderr = cli(capsys, *base, "--config", str(bad))
+    assert code == 2 and stderr.startswith(f"error: file {bad}: not valid TOML")
+    assert list_plans(tmp_path) == []
+
+
+def test_train_config_mistakes_name_the_flag(tmp_path, capsys):
+    code, stderr = cli(capsys, "train", "--sampler", "fifo", "--output-dir", str(tmp_path / "r"))
+    assert (code, stderr.strip()) == (
+        2, "error: --sampler 'fifo': expected one of 'plan', 'random' or 'kmeans'")
+    code, stderr = cli(capsys, "train", "--batch-size", "30", "--cluster-size", "8",
+                       "--adapter-steps", "-2", "--output-dir", str(tmp_path / "r"))
+    assert code == 2 and stderr.count("\n") == 1
+    assert "--adapter-steps -2: expected a number >= 0" in stderr
+    assert not (tmp_path / "r").exists()

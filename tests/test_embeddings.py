@@ -90,8 +90,19 @@ def test_non_finite_value(tmp_path, x):
     x = x.copy()
     x[17, 3] = np.nan
     path = write_embeddings(tmp_path / "e.parquet", np.arange(50), x)
-    with pytest.raises(InputError, match=r"row 17: embedding holds a NaN"):
+    # the error names the file's column, not the in-memory name ("queries")
+    with pytest.raises(InputError, match=r"column 'embedding', row 17: embedding holds a NaN"):
         load_embeddings(path)
+    np.save(tmp_path / "e.npy", x)
+    np.save(tmp_path / "ids.npy", np.arange(50))
+    with pytest.raises(InputError, match=r"e.npy, row 17: embedding holds") as info:
+        load_embeddings(EmbeddingSource(path=str(tmp_path / "e.npy"),
+                                        ids_path=str(tmp_path / "ids.npy")))
+    assert "column" not in str(info.value)
+    x[17] = 0
+    with pytest.raises(InputError, match=r"column 'embedding', row 17: cannot L2-normalise"):
+        load_embeddings(write_embeddings(tmp_path / "z.parquet", np.arange(50), x),
+                        normalize=True)
 
 
 def test_duplicate_ids(tmp_path, x):
@@ -130,7 +141,7 @@ def test_not_parquet(tmp_path):
 
 def test_npy_needs_ids_and_alignment(tmp_path, x):
     np.save(tmp_path / "e.npy", x)
-    with pytest.raises(InputError, match="need an aligned id file"):
+    with pytest.raises(InputError, match=r"need an aligned id file \(--ids-path"):
         load_embeddings(tmp_path / "e.npy")
     np.save(tmp_path / "ids.npy", np.arange(49))
     with pytest.raises(InputError, match=r"not aligned .*expected 50 ids, got 49"):

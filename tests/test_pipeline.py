@@ -153,7 +153,7 @@ def test_bad_input_names_the_stage_and_global_row(tmp_path, client):
     with pytest.raises(StageError) as info:
         run_job(path, cfg, tmp_path / "plans", client=client, shard_rows=100, retries=0)
     assert info.value.stage == "load"
-    assert "row 333" in str(info.value) and "NaN" in str(info.value)
+    assert "column 'embedding', row 333" in str(info.value) and "NaN" in str(info.value)
 
 
 def test_failed_stage_resumes_from_checkpoints(tmp_path, corpus_path, small_config, small_plan,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -198,3 +199,46 @@ def test_b3mine_train_command(pairs_path, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "recall@1" in r.stdout and (out / "checkpoint.pt").is_file()
     assert json.loads((out / "results.json").read_text())["steps"] == 3
+    before = (out / "metrics.jsonl").read_text()
+
+    # A fresh run over the previous one is refused (nothing touched) unless --overwrite.
+    again = [sys.executable, "-m", "b3mine.cli", "train", "--data", str(pairs_path),
+             "--batch-size", "32", "--steps", "2", "--output-dir", str(out), "--no-progress",
+             "--p", "2", "--m", "20"]
+    r = subprocess.run(again, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert f"file {out}: holds a previous run (checkpoint.pt, metrics.jsonl, results.json, " \
+           "config.json): pass --resume to continue it, --overwrite to replace it" in r.stderr
+    assert (out / "metrics.jsonl").read_text() == before
+    r = subprocess.run(again + ["--overwrite"], capture_output=True, text=True, timeout=300,
+                       cwd=tmp_path)  # the mined plan goes to ./.b3mine/plans
+    assert r.returncode == 0, r.stderr
+    saved = json.loads((out / "config.json").read_text())
+    assert (saved["sampler"], saved["p"], saved["m"], saved["steps"]) == ("plan", 2, 20, 2)
+    plan_id = json.loads((out / "results.json").read_text())["sampler"]["plan_id"]
+    plan = json.loads((tmp_path / ".b3mine" / "plans" / plan_id / "manifest.json").read_text())
+    assert (plan["config"]["p"], plan["config"]["m"]) == (2, 20)
+
+
+def test_train_help_explains_the_p_default():
+    import typing
+
+    from trainers.cli import train as command
+
+    help_text = typing.get_type_hints(command, include_extras=True)["p"].__metadata__[0].help
+    assert f"default {TrainConfig().p}" in help_text and "b3mine mine" in help_text
+
+
+@pytest.mark.parametrize("sampler", ["plan", "random", "kmeans"])
+def test_duplicate_ids_in_the_pairs_file_are_refused_naming_file_rows(pairs_path, tmp_path,
+                                                                       sampler):
+    from b3mine.errors import InputError
+
+    table = pq.read_table(pairs_path)
+    ids = table.column("id").to_pylist()
+    ids[250] = ids[7]  # file rows 7 and 250; both may land anywhere in the train split
+    path = tmp_path / "dup.parquet"
+    pq.write_table(table.set_column(0, "id", pa.array(ids)), path)
+    with pytest.raises(InputError, match=re.escape(f"file {path}, row 250: duplicate id "
+                                                   f"{ids[7]!r}, first seen at row 7")):
+        train(config(path, tmp_path / "run", sampler=sampler))

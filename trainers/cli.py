@@ -4,6 +4,8 @@
     b3mine train --sampler random --batch-size 32 --steps 600
     b3mine train --plan http://localhost:8000/v1/plans/<id> --model minilm --steps 200
     b3mine train --config run.toml --seed 3        # flags override the file
+    b3mine train --resume                          # continue the run in --output-dir
+    b3mine train --overwrite                       # replace it (a fresh run there is refused)
 
 The function is typer-compatible: `b3mine.cli` adds it as the ``train`` sub-command.
 """
@@ -15,10 +17,36 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from trainers.train.config import TrainConfig
+
+#: Files of a previous run that a new run in the same directory would overwrite.
+RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "results.json", "config.json")
+_P_DEFAULT = TrainConfig.model_fields["p"].default
+_M_DEFAULT = TrainConfig.model_fields["m"].default
+
+
+def check_run_dir(output_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse to start a fresh run over a previous one unless asked to (``--overwrite``)."""
+    import shutil
+
+    from b3mine.errors import InputError
+
+    found = [name for name in RUN_FILES if (output_dir / name).exists()]
+    if not found or resume:
+        return
+    if not overwrite:
+        raise InputError(f"holds a previous run ({', '.join(found)}): pass --resume to continue "
+                         f"it, --overwrite to replace it, or another --output-dir",
+                         file=str(output_dir))
+    for name in found:
+        (output_dir / name).unlink()
+    shutil.rmtree(output_dir / "tb", ignore_errors=True)
+
 
 def train(
     config_file: Annotated[Optional[Path], typer.Option(
-        "--config", help="JSON/TOML TrainConfig; the flags below override it")] = None,
+        "--config", exists=True, dir_okay=False,
+        help="JSON/TOML TrainConfig; the flags below override it")] = None,
     model: Annotated[Optional[str], typer.Option(help="student | minilm")] = None,
     objective: Annotated[Optional[str], typer.Option(help="infonce | sogclr | em")] = None,
     sampler: Annotated[Optional[str], typer.Option(help="plan | random | kmeans")] = None,
@@ -29,6 +57,14 @@ def train(
         help="mined plan: affinity | random")] = None,
     cluster_size: Annotated[Optional[int], typer.Option(
         help="K for the mined plan / k-means (default batch_size/4, at most 32)")] = None,
+    p: Annotated[Optional[int], typer.Option(
+        "--p", help=f"mined plan: skip the teacher's top p ranks (default {_P_DEFAULT}; "
+        f"`b3mine mine` defaults to B3's p=30, tuned for millions of examples, where the top "
+        f"ranks are mostly false negatives; the train split here is a few thousand pairs, "
+        f"whose near neighbours are the hard negatives worth keeping)")] = None,
+    m: Annotated[Optional[int], typer.Option(
+        "--m", help=f"mined plan: keep ranks [p, p+m) as graph edges (default "
+        f"{_M_DEFAULT})")] = None,
     hard_negatives: Annotated[Optional[bool], typer.Option(
         "--hard-negatives/--no-hard-negatives", help="use the plan's HNPS negatives")] = None,
     batch_size: Optional[int] = None,
@@ -48,20 +84,23 @@ def train(
     threads: Optional[int] = None,
     resume: Annotated[bool, typer.Option(
         help="continue from output_dir/checkpoint.pt when it exists")] = False,
+    overwrite: Annotated[bool, typer.Option(
+        help="replace a previous run in output_dir (without it, a fresh run there is "
+             "refused)")] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
 ) -> None:
     """Train a dual encoder on pairs with B3 plan / random / k-means batches; evaluate on
     held-out pairs (recall@1, recall@10, MRR)."""
     from rich.console import Console
 
-    from trainers.train.config import AdapterConfig, TrainConfig
     from trainers.train.loop import train as run
 
     console = Console()
     base = TrainConfig.from_file(config_file) if config_file else TrainConfig()
     flags: dict[str, Any] = dict(
         model=model, objective=objective, sampler=sampler, plan=plan,
-        batch_grouping=batch_grouping, cluster_size=cluster_size, hard_negatives=hard_negatives,
+        batch_grouping=batch_grouping, cluster_size=cluster_size, p=p, m=m,
+        hard_negatives=hard_negatives,
         batch_size=batch_size, steps=steps, lr=lr, temperature=temperature, seed=seed,
         gradcache_chunk=gradcache_chunk, data=str(data) if data else None, max_pairs=max_pairs,
         output_dir=str(output_dir) if output_dir else None, eval_every=eval_every,
@@ -71,8 +110,9 @@ def train(
     values["progress"] = progress
     adapter = {k: v for k, v in dict(adapter_steps=adapter_steps,
                                      transfer_steps=transfer_steps).items() if v is not None}
-    values["adapter"] = AdapterConfig(**{**values["adapter"], **adapter}).model_dump()
-    config = TrainConfig.model_validate(values)
+    values["adapter"].update(adapter)
+    config = TrainConfig.model_validate(values)  # one validation: errors name the whole path
+    check_run_dir(Path(config.output_dir), resume=resume, overwrite=overwrite)
     console.print(f"[bold]train[/bold] {config.model} / {config.objective} / "
                   f"{config.sampler} batches of {config.batch_size}, {config.steps} steps "
                   f"-> {config.output_dir}")

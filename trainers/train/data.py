@@ -15,7 +15,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
+import pyarrow as pa
 
 from trainers.train.config import TrainConfig
 
@@ -135,10 +135,27 @@ def demo_path() -> Path:
     return demo_embeddings(progress=True)
 
 
+def read_pairs(path: Path) -> pa.Table:
+    """The pairs file's `COLUMNS`, checked once for every sampler: columns present, ids
+    non-null and unique (errors name the file's rows, before any split or subset)."""
+    from b3mine.embeddings import check_unique_ids, open_parquet
+    from b3mine.errors import InputError
+
+    if not path.is_file():
+        raise InputError("no such file", file=str(path))
+    table = open_parquet(path, list(COLUMNS)).read(columns=list(COLUMNS))
+    ids = table.column("id")
+    if ids.null_count:
+        raise InputError("null id", file=str(path), column="id",
+                         row=int(np.argmax(ids.is_null().to_numpy(zero_copy_only=False))))
+    check_unique_ids(np.asarray(ids.to_numpy(zero_copy_only=False)), str(path))
+    return table
+
+
 @lru_cache(maxsize=4)
 def _load(data: str | None, max_pairs: int | None, fraction: float, max_length: int) -> PairData:
     path = Path(data) if data else demo_path()
-    table = pq.read_table(path, columns=list(COLUMNS))
+    table = read_pairs(path)
     ids = np.asarray(table.column("id").to_numpy(zero_copy_only=False))
     keep = np.arange(len(ids)) if max_pairs is None else subsample(ids, max_pairs)
     ids = ids[keep]
