@@ -163,3 +163,13 @@ def test_errors() -> None:
         contrastive_loss(q, q, target_valid=torch.tensor([True, False, True, True]))
     with pytest.raises(ValueError, match="both"):
         contrastive_loss(q, q, query_groups=torch.zeros(4, dtype=torch.long))
+
+
+def test_functional_and_module_defaults_agree():
+    """contrastive_loss(q, k) trains at the documented temperature 0.07, as the module does."""
+    torch.manual_seed(0)
+    q = F.normalize(torch.randn(8, 16, dtype=torch.float64), dim=1)
+    k = F.normalize(torch.randn(8, 16, dtype=torch.float64), dim=1)
+    expected = naive_contrastive_loss(q, k, scale=1 / 0.07)
+    torch.testing.assert_close(contrastive_loss(q, k), expected)
+    torch.testing.assert_close(TiledContrastiveLoss()(q, k).double(), expected)

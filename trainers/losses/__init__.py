@@ -66,7 +66,7 @@ def contrastive_loss(
     q: Tensor,
     k: Tensor,
     labels: Tensor | None = None,
-    scale: float | Tensor = 1.0,
+    scale: float | Tensor = 1 / 0.07,
     *,
     symmetric: bool = True,
     query_weight: Tensor | None = None,
@@ -80,8 +80,8 @@ def contrastive_loss(
     """InfoNCE with logits ``scale * q @ k.T`` without materialising them (see module doc).
 
     ``impl``: "auto" = Triton on CUDA, else the pure-torch tiled path; "naive" = full logits.
-    ``scale`` may be a learnable tensor (its gradient is exact); temperature = 1 / scale.
-    Gradients flow to q, k and scale. Inputs may be fp32, fp16, bf16 or fp64; accumulation is
+    ``scale`` may be a learnable tensor (its gradient is exact); temperature = 1 / scale. The
+    default, 1/0.07 (temperature 0.07), is `TiledContrastiveLoss()`'s. Gradients flow to q, k and scale. Inputs may be fp32, fp16, bf16 or fp64; accumulation is
     fp32 on GPU and fp64 in the CPU torch path (exactness there is cheap and scale 100 needs it).
     """
     if impl == "naive":
