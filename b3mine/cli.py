@@ -44,6 +44,15 @@ def run_engine(engine: str, source: EmbeddingSource, config: MiningConfig, out: 
     return engines[engine].load()(source, config, out, progress=progress, **options)
 
 
+def _default(text: str, field: str) -> str:
+    """Help text with the `MiningConfig` default (the flags default to None so that they
+    override a --config file only when given)."""
+    value: Any = MiningConfig()
+    for part in field.split("."):
+        value = getattr(value, part)
+    return f"{text} (default {value})"
+
+
 @app.command()
 def mine(
     embeddings: Annotated[Path, typer.Option(help="Parquet file/dir or .npy of teacher embeddings")],
@@ -56,24 +65,34 @@ def mine(
     target_column: Annotated[Optional[str], typer.Option(help="paired data: target column")] = None,
     target_path: Annotated[Optional[Path], typer.Option(help="paired data: target file")] = None,
     ids_path: Annotated[Optional[Path], typer.Option(help=".npy input: aligned id file")] = None,
-    batch_size: Optional[int] = None,
-    cluster_size: Optional[int] = None,
-    p: Annotated[Optional[int], typer.Option("--p", help="skip the top p ranks")] = None,
-    m: Annotated[Optional[int], typer.Option("--m", help="keep ranks [p, p+m)")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(
+        help=_default("examples per batch, B", "batch_size"))] = None,
+    cluster_size: Annotated[Optional[int], typer.Option(
+        help=_default("examples per cluster, K (B % K == 0)", "cluster_size"))] = None,
+    p: Annotated[Optional[int], typer.Option("--p", help=_default("skip the top p ranks",
+                                                                  "p"))] = None,
+    m: Annotated[Optional[int], typer.Option("--m", help=_default("keep ranks [p, p+m)",
+                                                                  "m"))] = None,
     algorithm: Annotated[Optional[str], typer.Option(
-        help="metis | louvain | igraph-louvain | leiden")] = None,
-    graph: Annotated[Optional[str], typer.Option(help="mutual | symmetric")] = None,
-    index: Annotated[Optional[str], typer.Option(help="flat | ivf | hnsw | torch")] = None,
-    nprobe: Optional[int] = None,
+        help=_default("metis | louvain | igraph-louvain | leiden", "algorithm"))] = None,
+    graph: Annotated[Optional[str], typer.Option(
+        help=_default("mutual | symmetric", "graph"))] = None,
+    index: Annotated[Optional[str], typer.Option(
+        help=_default("flat | ivf | hnsw | torch", "neighbours.index"))] = None,
+    nprobe: Annotated[Optional[int], typer.Option(
+        help=_default("IVF lists probed", "neighbours.nprobe"))] = None,
     negatives_mode: Annotated[Optional[str], typer.Option(
-        "--negatives", help="none | hnps | hnips")] = None,
+        "--negatives", help=_default("none | hnps | hnips", "negatives.mode"))] = None,
     negatives_k: Annotated[Optional[int], typer.Option(
-        "--k-neg", help="extra negatives per example")] = None,
-    epochs: Optional[int] = None,
-    seed: Optional[int] = None,
-    remainder: Annotated[Optional[str], typer.Option(help="drop | fill")] = None,
-    last_batch: Annotated[Optional[str], typer.Option(help="drop | fill")] = None,
-    batch_grouping: Annotated[Optional[str], typer.Option(help="random | affinity")] = None,
+        "--k-neg", help=_default("extra negatives per example", "negatives.k"))] = None,
+    epochs: Annotated[Optional[int], typer.Option(help=_default("epochs", "epochs"))] = None,
+    seed: Annotated[Optional[int], typer.Option(help=_default("seed", "seed"))] = None,
+    remainder: Annotated[Optional[str], typer.Option(
+        help=_default("drop | fill", "remainder"))] = None,
+    last_batch: Annotated[Optional[str], typer.Option(
+        help=_default("drop | fill", "last_batch"))] = None,
+    batch_grouping: Annotated[Optional[str], typer.Option(
+        help=_default("random | affinity", "batch_grouping"))] = None,
     engine: Annotated[str, typer.Option(help="local | dask")] = "local",
     scheduler: Annotated[Optional[str], typer.Option(
         help="dask scheduler address (default: $DASK_SCHEDULER_ADDRESS or a LocalCluster)")] = None,
@@ -124,6 +143,10 @@ def report(plan_dir: Annotated[Path, typer.Argument(help="a plan directory")],
     print_report(plan_dir)
 
 
+def plural(n: int, word: str) -> str:
+    return f"{n:,} {word}" if n == 1 else f"{n:,} {word}s"
+
+
 def print_report(plan_dir: Path) -> None:
     from b3mine.plan import BatchPlan
 
@@ -133,12 +156,15 @@ def print_report(plan_dir: Path) -> None:
     cfg = plan.config
     t.add_row("examples", f"{plan.manifest.dataset.n_rows:,} (dim {plan.manifest.dataset.dim}, "
               f"{'paired' if plan.manifest.dataset.paired else 'single corpus'})")
+    negatives = (f", {cfg.negatives.mode.upper()} k={cfg.negatives.k}"
+                 if cfg.negatives.mode != "none" else "")
     t.add_row("config", f"{cfg.algorithm}, K={cfg.cluster_size}, B={cfg.batch_size}, "
-              f"p={cfg.p}, m={cfg.m}, {cfg.graph} graph, index={cfg.neighbours.index}")
+              f"p={cfg.p}, m={cfg.m}, {cfg.graph} graph, {cfg.batch_grouping} grouping, "
+              f"index={cfg.neighbours.index}{negatives}")
     t.add_row("graph", f"{c.n_edges:,} edges")
     t.add_row("clusters", f"{c.n_clusters:,} of {c.cluster_size} "
               f"(dropped {c.remainder_dropped}, padded {c.remainder_padded})")
-    t.add_row("batches", f"{c.batches_per_epoch:,} per epoch x {c.epochs} epochs; "
+    t.add_row("batches", f"{c.batches_per_epoch:,} per epoch x {plural(c.epochs, 'epoch')}; "
               f"{c.examples_per_epoch[0]:,} examples in epoch 0")
     if q:
         for name in ("plan", "random"):
@@ -146,10 +172,13 @@ def print_report(plan_dir: Path) -> None:
             t.add_row(f"{name} batches", f"sim mean {s['mean']:.4f}  p50 {s['p50']:.4f}  "
                       f"p90 {s['p90']:.4f}  p99 {s['p99']:.4f}  "
                       f"above-positive {100 * s['above_positive_share']:.3f}%")
-        ratio = q.get("mean_similarity_ratio")
-        t.add_row("hardness", f"{ratio:.2f}x random (mean in-batch similarity)" if ratio
-                  else f"gain {q['mean_similarity_gain']:+.4f} over random")
+        # The difference of means is defined for every plan; a ratio is not (random batches'
+        # mean similarity can be ~0 or negative, which makes "-4.67x random" out of noise).
+        t.add_row("hardness", f"mean in-batch similarity {q['plan']['mean']:+.4f} vs "
+                  f"{q['random']['mean']:+.4f} random: {q['mean_similarity_gain']:+.4f}")
         t.add_row("plot", str(Path(plan.path) / "report.png"))
+    for warning in plan.manifest.stats.get("warnings", []):
+        t.add_row("[yellow]warning[/yellow]", warning)
     timings = plan.manifest.stats.get("timings", {})
     if timings:
         t.add_row("seconds", ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))

@@ -21,6 +21,7 @@ from b3mine import clustering
 from b3mine.batches import Batches, assemble_batches, cluster_affinity
 from b3mine.config import EmbeddingSource, MiningConfig
 from b3mine.embeddings import Embeddings, check_minimum_rows, load_embeddings
+from b3mine.errors import InputError
 from b3mine.graph import degree_stats, window_graph
 from b3mine.negatives import hnips, hnps, positive_scores
 from b3mine.neighbours import Neighbours, search
@@ -40,7 +41,28 @@ from b3mine.report import quality_report, report_json, report_png
 
 def prepare(emb: Embeddings, config: MiningConfig) -> Embeddings:
     check_minimum_rows(emb, config.batch_size)
+    check_window(emb.n_rows, config, emb.source)
     return emb.normalized() if config.normalize else emb
+
+
+def check_window(n_rows: int, config: MiningConfig, source: str) -> None:
+    """Refuse a window [p, p+m) that starts past the ``n_rows`` ranks every row has: it would
+    give a graph without edges."""
+    if config.p >= n_rows:
+        raise InputError(f"the window skips the top --p {config.p} ranks, but each row has "
+                         f"only {n_rows} (one per row of the data): no graph edges are left",
+                         file=source, expected=f"--p < {n_rows}", got=str(config.p))
+
+
+def window_warning(n_rows: int, config: MiningConfig) -> str | None:
+    """A window [p, p+m) reaching past the ``n_rows`` ranks is cut short; say so, with the
+    share of the data it then spans (near 1: the batches are close to random)."""
+    if config.p + config.m <= n_rows:
+        return None
+    kept = n_rows - config.p
+    return (f"window [p, p+m) = [{config.p}, {config.p + config.m}) reaches past the "
+            f"{n_rows} ranks each row has: ranks [{config.p}, {n_rows}) are used, "
+            f"{100 * kept / n_rows:.0f}% of the rows; lower --m (at most {kept}) or --p")
 
 
 def compute_neighbours(emb: Embeddings, config: MiningConfig,
@@ -167,6 +189,9 @@ def finish_plan(
     timings = dict(timings or {})
     stats: dict[str, Any] = {"graph": degree_stats(graph), "communities_found":
                              clustered.communities}
+    warning = window_warning(emb.n_rows, config)
+    if warning:
+        stats["warnings"] = [warning]
     extra: dict[str, bytes] = {}
     if report and batches.rows.size:
         with _timed(timings, "report"), stage_progress(progress, "report", 1):

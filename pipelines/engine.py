@@ -37,6 +37,7 @@ from distributed import Client, Future, as_completed
 from b3mine.config import EmbeddingSource, MiningConfig
 from b3mine.embeddings import Embeddings, check_minimum_rows
 from b3mine.errors import B3MineError
+from b3mine.mining import check_window
 from b3mine.plan import MANIFEST, BatchPlan, plan_id_for
 from b3mine.progress import ProgressCallback
 
@@ -306,6 +307,7 @@ class _Job:
         check_minimum_rows(Embeddings(ids=np.zeros(0), queries=np.empty((plan.n_rows, 0),
                                                                          np.float32),
                                       source=plan.label), self.config.batch_size)
+        check_window(plan.n_rows, self.config, plan.label)
         stages.allocate_vectors(self.work, plan, self.config.normalize)
         total = len(plan.shards) + 1
         futures = [self.submit(stages.load_shard, self.root, plan, a, b, self.config.normalize)

@@ -5,6 +5,8 @@ import json
 import subprocess
 import sys
 
+import numpy as np
+
 from b3mine import list_plans
 
 
@@ -103,3 +105,67 @@ def test_train_config_mistakes_name_the_flag(tmp_path, capsys):
     assert code == 2 and stderr.count("\n") == 1
     assert "--adapter-steps -2: expected a number >= 0" in stderr
     assert not (tmp_path / "r").exists()
+
+
+def report_text(monkeypatch, plan_dir) -> str:
+    import io
+
+    from rich.console import Console
+
+    import b3mine.cli
+
+    buffer = io.StringIO()
+    monkeypatch.setattr(b3mine.cli, "console", Console(file=buffer, width=400))
+    b3mine.cli.print_report(plan_dir)
+    return buffer.getvalue()
+
+
+def test_a_window_deeper_than_the_data(tmp_path, monkeypatch):
+    import pytest
+
+    from b3mine.config import MiningConfig, NegativesConfig
+    from b3mine.embeddings import Embeddings
+    from b3mine.errors import InputError
+    from b3mine.mining import mine
+    from tests.conftest import clustered_vectors
+
+    emb = Embeddings.from_arrays(np.arange(200), clustered_vectors(200, 16, 5, seed=1))
+    with pytest.raises(InputError, match=r"skips the top --p 200 ranks, but each row has only "
+                                         r"200 .* \(expected --p < 200, got 200\)"):
+        mine(emb, MiningConfig(batch_size=32, cluster_size=8, p=200, m=3), tmp_path)
+    plan = mine(emb, MiningConfig(batch_size=32, cluster_size=8, p=30, m=300,
+                                  batch_grouping="affinity",
+                                  negatives=NegativesConfig(mode="hnps", k=2)), tmp_path)
+    warning = ("window [p, p+m) = [30, 330) reaches past the 200 ranks each row has: ranks "
+               "[30, 200) are used, 85% of the rows; lower --m (at most 170) or --p")
+    assert plan.manifest.stats["warnings"] == [warning]
+    text = report_text(monkeypatch, plan.path)
+    assert warning in text
+    # One hardness format for every plan: the difference of mean in-batch similarities.
+    q = plan.manifest.stats["quality"]
+    assert (f"mean in-batch similarity {q['plan_mean']:+.4f} vs {q['random_mean']:+.4f} "
+            f"random: {q['mean_similarity_gain']:+.4f}") in text
+    assert "x 1 epoch;" in text
+    assert "affinity grouping" in text and "HNPS k=2" in text
+    fits = mine(emb, MiningConfig(batch_size=32, cluster_size=8, p=2, m=20), tmp_path)
+    assert "warnings" not in fits.manifest.stats
+    assert "warning" not in report_text(monkeypatch, fits.path)
+
+
+def test_mine_help_shows_the_defaults(capsys):
+    from b3mine.config import MiningConfig
+
+    import pytest
+
+    from b3mine.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["mine", "--help"])
+    code = info.value.code
+    out = " ".join(capsys.readouterr().out.split())  # rich wraps the help text
+    d = MiningConfig()
+    assert code == 0
+    for flag, value in (("batch-size", d.batch_size), ("cluster-size", d.cluster_size),
+                        ("p", d.p), ("m", d.m), ("algorithm", d.algorithm),
+                        ("index", d.neighbours.index), ("k-neg", d.negatives.k)):
+        assert f"(default {value})" in out.split(f"--{flag} ", 1)[1][:300], flag

@@ -93,8 +93,6 @@ def train(
     held-out pairs (recall@1, recall@10, MRR)."""
     from rich.console import Console
 
-    from trainers.train.loop import train as run
-
     console = Console()
     base = TrainConfig.from_file(config_file) if config_file else TrainConfig()
     flags: dict[str, Any] = dict(
@@ -113,6 +111,7 @@ def train(
     values["adapter"].update(adapter)
     config = TrainConfig.model_validate(values)  # one validation: errors name the whole path
     check_run_dir(Path(config.output_dir), resume=resume, overwrite=overwrite)
+    from trainers.train.loop import train as run  # torch: imported once the flags are valid
     console.print(f"[bold]train[/bold] {config.model} / {config.objective} / "
                   f"{config.sampler} batches of {config.batch_size}, {config.steps} steps "
                   f"-> {config.output_dir}")
