@@ -2,8 +2,11 @@
 checkpointing the sampler so that a crash resumes mid-epoch on the exact next batch.
 
     python examples/train_plain_pytorch.py --plan plans/<plan_id> --embeddings emb.parquet
+    python examples/train_plain_pytorch.py --checkpoint ckpt.pt   # run it again: it resumes
 
-Without --plan it mines a small synthetic plan first (needs ``b3mine[mining]``). The data here
+Each run trains ``--steps`` more steps (default 6) from the checkpoint, then stops as if it had
+been killed; the synthetic plan has 16 batches (2 epochs of 8), so the third run finishes the
+plan and a fourth says that nothing is left. Without --plan it mines a small synthetic plan first (needs ``b3mine[mining]``). The data here
 are the teacher vectors themselves; in real training the dataset returns texts or token ids.
 Under ``torchrun`` the sampler reads rank/world_size from torch.distributed and each rank trains
 on its slice of every mined batch.
@@ -54,8 +57,10 @@ def main(argv: list[str] | None = None) -> float:
     ap = argparse.ArgumentParser()
     ap.add_argument("--plan", type=Path, help="a plan directory (default: mine a synthetic one)")
     ap.add_argument("--embeddings", type=Path, help="the embeddings the plan was mined from")
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--checkpoint", type=Path, default=None)
+    ap.add_argument("--steps", type=int, default=6,
+                    help="steps to train in this run, from the checkpoint on (default 6)")
+    ap.add_argument("--checkpoint", type=Path, default=None,
+                    help="save after every step; resume from it when it exists")
     a = ap.parse_args(argv)
     if a.plan is None:
         path, q, t = synthetic_plan(Path(tempfile.mkdtemp()) / "plans")
@@ -77,13 +82,17 @@ def main(argv: list[str] | None = None) -> float:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
 
     ckpt = a.checkpoint
+    step = 0  # global: steps trained by this run and the runs it resumes
     if ckpt is not None and ckpt.is_file():  # resume: model, optimizer and the plan position
         state = torch.load(ckpt)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         sampler.load_state_dict(state["sampler"])
+        step = state["step"]
+        print(f"resumed from {ckpt} at step {step}")
 
-    step, loss = 0, torch.tensor(0.0)
+    total = plan.epochs * plan.batches_per_epoch
+    first, loss = step, torch.tensor(float("nan"))
     for epoch in range(sampler.epoch, plan.epochs):
         sampler.set_epoch(epoch)
         for batch in loader:
@@ -96,11 +105,17 @@ def main(argv: list[str] | None = None) -> float:
             step += 1
             if ckpt is not None:  # num_workers=0: the sampler's count is exactly what trained
                 torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
-                            "sampler": sampler.state_dict()}, ckpt)
-            if step >= a.steps:
-                print(f"step {step} epoch {epoch} loss {loss.item():.4f}")
+                            "sampler": sampler.state_dict(), "step": step}, ckpt)
+            if step - first >= a.steps:
+                print(f"step {step} of the plan's {total} (epoch {epoch}) loss {loss.item():.4f}")
                 return loss.item()
-    print(f"step {step} loss {loss.item():.4f}")
+    if step == first:
+        print(f"nothing to train: the plan's {total} batches ({plan.epochs} epochs x "
+              f"{plan.batches_per_epoch}) were all trained by the runs saved in {ckpt}; mine a "
+              f"plan with more epochs, or start again without --checkpoint")
+    else:
+        print(f"step {step}: the plan's {total} batches are all trained (ran past its end "
+              f"after {step - first} of the {a.steps} steps asked) loss {loss.item():.4f}")
     return loss.item()
 
 
