@@ -179,9 +179,14 @@ def print_report(plan_dir: Path) -> None:
         t.add_row("plot", str(Path(plan.path) / "report.png"))
     for warning in plan.manifest.stats.get("warnings", []):
         t.add_row("[yellow]warning[/yellow]", warning)
+    skipped = plan.manifest.stats.get("skipped_stages", [])
+    if skipped:
+        t.add_row("resumed", f"skipped {', '.join(skipped)}: done by an earlier run of this "
+                  f"job (its checkpoints were reused)")
     timings = plan.manifest.stats.get("timings", {})
     if timings:
-        t.add_row("seconds", ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
+        t.add_row("seconds" + (" (this run)" if skipped else ""),
+                  ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
     console.print(t)
 
 

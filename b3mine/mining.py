@@ -184,8 +184,13 @@ def finish_plan(
     timings: dict[str, float] | None = None,
     progress: ProgressCallback | None = None,
     report: bool = True,
+    skipped_stages: list[str] | None = None,
 ) -> BatchPlan:
-    """Report, assemble and atomically write the plan (the last stage of every engine)."""
+    """Report, assemble and atomically write the plan (the last stage of every engine).
+
+    ``timings``: seconds of the stages run now; ``skipped_stages``: stages whose results an
+    engine that checkpoints (Dask) took from an earlier, interrupted run of the same job.
+    """
     timings = dict(timings or {})
     stats: dict[str, Any] = {"graph": degree_stats(graph), "communities_found":
                              clustered.communities}
@@ -208,6 +213,8 @@ def finish_plan(
             stats["quality"]["plan_mean"] = rep["plan"]["mean"]
             stats["quality"]["random_mean"] = rep["random"]["mean"]
     stats["timings"] = timings
+    if skipped_stages:
+        stats["skipped_stages"] = list(skipped_stages)
     c = clustered
     tables = PlanTables(ids=emb.ids, clusters=c.members, cluster_padded=c.padded,
                         batches=batches.rows, batch_cluster=batches.cluster,

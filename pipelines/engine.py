@@ -292,10 +292,14 @@ class _Job:
         self.stage("negatives", lambda: self.one(
             "negatives", stages.negatives_task, self.root, config, load, nb["parts"],
             clusters))
-        timings = {s: float(self.metas[s]["seconds"]) for s in PIPELINE_STAGES[:-1]}
+        # This run's times only: a skipped stage's seconds belong to the run that did it.
+        before = PIPELINE_STAGES[:-1]
+        timings = {s: float(self.metas[s]["seconds"]) for s in before
+                   if self.statuses[s] == "ran"}
+        skipped = [s for s in before if self.statuses[s] == "skipped"]
         written = self.stage("write", lambda: {"plan": self.one(
             "write", stages.write_task, self.root, config, str(self.out), self.metas, timings,
-            report=report)})
+            report=report, skipped_stages=skipped)})
         timings["write"] = float(written["seconds"])
         self.progress_file.finish("done", plan_id=plan_id)
         return JobResult(plan=BatchPlan.open(written["plan"]), job_id=self.job_id,

@@ -586,7 +586,8 @@ def read_negatives(work: WorkDir, meta: dict[str, Any]) -> np.ndarray | None:
 
 
 def write_task(work_root: str, config: MiningConfig, out: str, metas: dict[str, dict[str, Any]],
-               timings: dict[str, float], report: bool = True, fail: bool = False) -> str:
+               timings: dict[str, float], report: bool = True, fail: bool = False,
+               skipped_stages: list[str] | None = None) -> str:
     """Report and atomic write of the plan (``b3mine.mining.finish_plan``)."""
     _maybe_fail("write", fail)
     work = WorkDir(work_root)
@@ -597,7 +598,7 @@ def write_task(work_root: str, config: MiningConfig, out: str, metas: dict[str, 
     batches = read_batches(work, metas["batches"])
     negatives = read_negatives(work, metas["negatives"])
     plan = finish_plan(emb, load["fingerprint"], config, graph, clustered, batches, negatives,
-                       out, timings=timings, report=report)
+                       out, timings=timings, report=report, skipped_stages=skipped_stages)
     return str(plan.path)
 
 

@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("distributed")
 pytest.importorskip("faiss")
 
-from distributed import Client, LocalCluster  # noqa: E402
+from distributed import Client, LocalCluster, WorkerPlugin  # noqa: E402
 
 from b3mine.config import MiningConfig, NegativesConfig, NeighbourConfig  # noqa: E402
 from b3mine.graph import window_graph  # noqa: E402
@@ -180,6 +180,23 @@ def test_failed_stage_resumes_from_checkpoints(tmp_path, corpus_path, small_conf
     assert {s: work.marker(s).stat().st_mtime_ns for s in before} == before
     result.plan.validate()
     assert_same_plan(small_plan, result.plan)
+    # The resumed run says what it skipped, and reports only the times of what it ran.
+    stats = result.plan.manifest.stats
+    assert stats["skipped_stages"] == ["load", "neighbours", "graph"]
+    assert set(stats["timings"]) == {"clusters", "batches", "negatives", "report"}
+    assert set(result.timings) == {"clusters", "batches", "negatives", "write"}
+    import io
+
+    from rich.console import Console
+
+    import b3mine.cli
+
+    buffer = io.StringIO()
+    monkeypatch.setattr(b3mine.cli, "console", Console(file=buffer, width=400))
+    b3mine.cli.print_report(result.plan.path)
+    text = buffer.getvalue()
+    assert "skipped load, neighbours, graph: done by an earlier run of this job" in text
+    assert "seconds (this run)" in text and "neighbours 0" not in text
 
 
 def test_worker_killed_during_neighbours(tmp_path, corpus_path, monkeypatch):
@@ -299,3 +316,36 @@ def test_affinity_grouping_same_plan(tmp_path, corpus_path, client):
                        batch_grouping="affinity")
     result = run_job(corpus_path, cfg, tmp_path / "dask", client=client)
     assert_same_plan(local_mine(corpus_path, cfg, tmp_path / "local"), result.plan)
+
+
+class SlowExit(WorkerPlugin):
+    """A worker that needs 4.5 s to shut down (a busy host, big imports): more than the 4 s
+    LocalCluster.close gives it before killing it."""
+
+    name = "slow-exit"
+
+    def teardown(self, worker) -> None:  # noqa: ANN001
+        import time
+
+        time.sleep(4.5)
+
+
+def test_local_cluster_shuts_down_without_killing_workers():
+    import logging
+
+    from pipelines.cluster import connect
+
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
+    nanny = logging.getLogger("distributed.nanny")
+    nanny.addHandler(handler)
+    try:
+        with connect(workers=1, threads_per_worker=1) as client:
+            client.register_plugin(SlowExit())
+            pid = next(iter(client.run(os.getpid).values()))
+    finally:
+        nanny.removeHandler(handler)
+    assert not [line for line in lines if "still alive" in line], lines
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # the worker process has exited
