@@ -325,6 +325,11 @@ class BatchPlan(PlanShape):
     path: Path
     manifest: PlanManifest
 
+    def __repr__(self) -> str:  # the manifest (~2 KB) is not repeated: the path names the plan
+        c = self.manifest.counts
+        return (f"BatchPlan({str(self.path)!r}, rows={self.n_rows}, epochs={c.epochs}, "
+                f"batches_per_epoch={c.batches_per_epoch}, batch_size={c.batch_size})")
+
     @classmethod
     def open(cls, path: str | Path, *, validate: bool = False) -> BatchPlan:
         path = Path(path)
@@ -406,12 +411,21 @@ class BatchPlan(PlanShape):
         return {name: table.column(name).combine_chunks().take(index)
                 for name in ("negative_rows", "negative_ids")}
 
-    def negatives_for(self, rows: np.ndarray) -> list[list[int]]:
-        """Extra hard-negative rows for each of ``rows`` (empty lists when the plan has none)."""
+    def negatives_for(self, rows: np.ndarray) -> np.ndarray:
+        """Extra hard-negative rows of each of ``rows``: an int64 array (len(rows), k), k the
+        plan's negatives per example, -1 where a row has fewer (shape (len(rows), 0) when the
+        plan has none)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.full((len(rows), self.manifest.counts.extra_negatives), -1, np.int64)
         taken = self.negatives_take(rows)
         if taken is None:
-            return [[] for _ in rows]
-        return [negs or [] for negs in taken["negative_rows"].to_pylist()]
+            return out
+        lists = taken["negative_rows"]
+        lengths = lists.value_lengths().fill_null(0).to_numpy(zero_copy_only=False)
+        starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
+        flat = lists.flatten().to_numpy(zero_copy_only=False)
+        out[np.repeat(np.arange(len(rows)), lengths), np.arange(len(flat)) - starts] = flat
+        return out
 
     def report(self) -> dict[str, Any] | None:
         path = self.path / "report.json"

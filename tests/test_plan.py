@@ -91,8 +91,12 @@ def test_hnips_and_paired_data(tmp_path):
     plan = mine(emb, cfg, tmp_path)
     plan.validate()
     assert plan.manifest.dataset.paired and plan.manifest.dataset.id_type == "string"
-    neg = plan.negatives_for(plan.batch_rows(0)[0])
-    assert len(neg) == 64 and all(len(n) == 4 for n in neg)
+    rows = plan.batch_rows(0)[0]
+    neg = plan.negatives_for(rows)
+    assert isinstance(neg, np.ndarray) and neg.shape == (64, 4) and neg.dtype == np.int64
+    lists = plan.negatives_take(rows)["negative_rows"].to_pylist()
+    assert [[n for n in r if n >= 0] for r in neg.tolist()] == lists  # -1 only pads
+    assert plan.negatives_for(rows[:0]).shape == (0, 4)
     assert plan.epoch_table(0).column("id")[0].as_py().startswith("r")
 
 
@@ -252,3 +256,10 @@ def test_plan_invariants_property(n, k, cpb, epochs, remainder, last_batch, algo
                 assert len(real_members) - len(real) < batch
             ids = t.column("id").to_numpy()
             np.testing.assert_array_equal(ids, rows * 3)
+
+
+def test_repr_is_one_short_line(small_plan):
+    text = repr(small_plan)
+    assert text == (f"BatchPlan({str(small_plan.path)!r}, rows=2000, epochs=2, "
+                    f"batches_per_epoch={small_plan.batches_per_epoch}, batch_size=128)")
+    assert len(text) < 200 + len(str(small_plan.path))
