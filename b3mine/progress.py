@@ -10,6 +10,19 @@ from contextlib import contextmanager
 ProgressCallback = Callable[[str, float], None]
 
 STAGES = ("load", "neighbours", "graph", "clusters", "batches", "negatives", "report", "write")
+#: Rough share of a run's time per stage (neighbour search dominates), for one overall figure.
+STAGE_WEIGHTS = {"load": 0.10, "neighbours": 0.50, "graph": 0.05, "clusters": 0.15,
+                 "batches": 0.03, "negatives": 0.10, "report": 0.05, "write": 0.02}
+
+
+def overall_fraction(stage: str, fraction: float) -> float | None:
+    """The whole run's fraction done when ``stage`` is ``fraction`` done (stages run in
+    `STAGES` order; a stage not reached is counted as done, as skipping it does); None for a
+    name that is not a stage."""
+    if stage not in STAGE_WEIGHTS:
+        return None
+    before = sum(STAGE_WEIGHTS[s] for s in STAGES[: STAGES.index(stage)])
+    return min(1.0, before + STAGE_WEIGHTS[stage] * min(max(fraction, 0.0), 1.0))
 
 
 def silent(stage: str, fraction: float) -> None:

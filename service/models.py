@@ -33,7 +33,9 @@ class JobStatus(BaseModel):
     state: Literal["queued", "running", "succeeded", "failed", "cancelled"]
     stage: str | None = Field(None, description="current stage while running (load, neighbours, "
                               "graph, clusters, batches, negatives, report, write)")
-    progress: float = Field(description="fraction of the current stage done, in [0, 1]")
+    progress: float = Field(description="fraction of the whole job done, in [0, 1], never "
+                            "decreasing (stages weighted by a rough share of a run's time); "
+                            "`stage` says which stage is running")
     plan_id: str | None = Field(None, description="set when succeeded")
     error: str | None = Field(None, description="why it failed or was cancelled")
     cancel_requested: bool

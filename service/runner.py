@@ -23,6 +23,7 @@ from typing import Any
 
 from b3mine.config import EmbeddingSource, MiningConfig
 from b3mine.errors import B3MineError
+from b3mine.progress import overall_fraction
 
 from service.datasets import PATH_FIELDS, absolute_source, is_url
 from service.jobs import Interrupted, JobRegistry, new_owner
@@ -99,16 +100,20 @@ class JobRunner:
             self.metrics.jobs_finished.labels(state).inc()
 
     def _progress_callback(self, job_id: str) -> Callable[[str, float], None]:
-        last = {"stage": "", "t": 0.0}
+        last = {"stage": "", "t": 0.0, "overall": 0.0}
 
         def progress(stage: str, fraction: float) -> None:
             if self._stopping.is_set():
                 raise Interrupted("shutdown")
             now = time.monotonic()
+            # The row holds the whole job's progress (never going back: Dask reports the report
+            # stage inside its write), beside the stage now running.
+            overall = overall_fraction(stage, fraction)
+            last["overall"] = max(last["overall"], overall if overall is not None else 0.0)
             # Throttled: engines may report thousands of times; stage changes always go through.
             if stage != last["stage"] or fraction >= 1.0 or now - last["t"] >= PROGRESS_INTERVAL_S:
                 last["stage"], last["t"] = stage, now
-                self.registry.progress(job_id, self.owner, stage, fraction)
+                self.registry.progress(job_id, self.owner, stage, last["overall"])
             if self.hook is not None:
                 self.hook(job_id, stage, fraction)
                 if self._stopping.is_set():

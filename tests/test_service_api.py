@@ -282,6 +282,30 @@ def test_resubmission_and_cancellation(root: Path) -> None:
         assert c.delete(f"/v1/jobs/{b['id']}", headers=W).status_code == 409
 
 
+def test_job_progress_is_overall_with_the_stage_beside_it(root: Path) -> None:
+    seen: list[tuple[str, str | None, float]] = []
+    settings = Settings(data_root=root, api_keys=[KEY], job_workers=1)
+    registry = JobRegistry(settings.db)
+
+    def hook(job_id: str, stage: str, fraction: float) -> None:
+        row = registry.get(job_id)
+        seen.append((stage, row.stage, row.progress))
+
+    with TestClient(create_app(settings, progress_hook=hook)) as c:
+        job = c.post("/v1/jobs", json=job_body(seed=11, negatives={"mode": "hnps"}),
+                     headers=W).json()
+        assert poll(c, job["id"], {"succeeded", "failed"})["state"] == "succeeded"
+    registry.close()
+    progress = [p for _, _, p in seen]
+    assert progress == sorted(progress) and progress[-1] == 1.0  # never restarts at 0
+    stages = [s for _, s, _ in seen]
+    assert [s for i, s in enumerate(stages) if i == 0 or s != stages[i - 1]] == [
+        "start", "load", "neighbours", "graph", "clusters", "batches", "negatives", "report",
+        "write"]
+    at = {stage: p for stage, _, p in seen if stage != "start"}  # the last value per stage
+    assert 0 < at["load"] < at["neighbours"] < at["graph"] < at["clusters"] < at["write"]
+
+
 def poll(c, job_id: str, states: set[str], timeout: float = 60) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
