@@ -200,12 +200,18 @@ def demo(
     seed: int = 0,
 ) -> None:
     """Embed the demo corpus (stdlib docstrings) with the packaged teacher, mine it, report."""
-    from b3mine.demo import demo_embeddings
+    from b3mine.demo import cached_demo_embeddings, default_cache_dir, demo_embeddings
 
     console.print("[bold]demo corpus[/bold]: Python standard-library docstrings, "
                   "teacher all-MiniLM-L6-v2 (packaged, offline)")
-    path = demo_embeddings(**({"max_pairs": max_pairs} if max_pairs else {}))
-    console.print(f"embeddings: {path}")
+    sample = {"max_pairs": max_pairs} if max_pairs else {}
+    cached = cached_demo_embeddings(**sample)
+    if cached is None:
+        console.print(f"first run: the teacher embeds every pair on the CPU, which takes "
+                      f"minutes (progress bar below); the embeddings are then cached in "
+                      f"{default_cache_dir()} and later runs start at once")
+    path = demo_embeddings(**sample)  # at once when cached (and refreshes the fast lookup)
+    console.print(f"embeddings: {path}" + (" (cached: nothing to embed)" if cached else ""))
     # A 4k-pair corpus: skip fewer ranks than B3's p=30 (tuned for millions), and fill each
     # batch with linked clusters (batch_grouping="affinity") rather than random ones.
     config = MiningConfig(batch_size=batch_size, cluster_size=cluster_size, algorithm=algorithm,

@@ -56,6 +56,7 @@ __all__ = [
     "DocPair",
     "build_corpus",
     "cache_key",
+    "cached_demo_embeddings",
     "default_cache_dir",
     "demo_embeddings",
     "embed_corpus",
@@ -392,6 +393,31 @@ def _sources_fingerprint(packages: Sequence[str], max_pairs: int | None) -> str:
     return h.hexdigest()[:20]
 
 
+def _hint_path(cache_dir: Path, packages: Sequence[str], max_pairs: int | None) -> Path:
+    return cache_dir / f".sources-{_sources_fingerprint(packages, max_pairs)}"
+
+
+def _cache_path(cache_dir: Path, pairs: Sequence[DocPair], key: str) -> Path:
+    return cache_dir / f"demo-{len(pairs)}-{key}.parquet"
+
+
+def cached_demo_embeddings(
+    cache_dir: Path | None = None,
+    max_pairs: int | None = DEFAULT_MAX_PAIRS,
+    *,
+    packages: Sequence[str] = (),
+) -> Path | None:
+    """The Parquet file `demo_embeddings` would return without embedding anything, or None
+    when it would have to run the teacher (what the CLI says before a first, slow run)."""
+    cache_dir = default_cache_dir() if cache_dir is None else Path(cache_dir)
+    hint = _hint_path(cache_dir, packages, max_pairs)
+    if hint.is_file() and (cached := cache_dir / hint.read_text().strip()).is_file():
+        return cached
+    pairs = build_corpus(max_pairs, packages=packages)
+    path = _cache_path(cache_dir, pairs, cache_key(pairs))
+    return path if path.is_file() else None
+
+
 def demo_embeddings(
     cache_dir: Path | None = None,
     max_pairs: int | None = DEFAULT_MAX_PAIRS,
@@ -412,12 +438,12 @@ def demo_embeddings(
     'demo-1000-3f2a9c0d1e2b4a5f6c7d.parquet'
     """
     cache_dir = default_cache_dir() if cache_dir is None else Path(cache_dir)
-    hint = cache_dir / f".sources-{_sources_fingerprint(packages, max_pairs)}"
+    hint = _hint_path(cache_dir, packages, max_pairs)
     if hint.is_file() and (cached := cache_dir / hint.read_text().strip()).is_file():
         return cached
     pairs = build_corpus(max_pairs, packages=packages)
     key = cache_key(pairs)
-    path = cache_dir / f"demo-{len(pairs)}-{key}.parquet"
+    path = _cache_path(cache_dir, pairs, key)
     if not path.is_file():
         q, t = embed_corpus(pairs, batch_size=batch_size, progress=progress)
         table = _table(pairs, q, t, key)

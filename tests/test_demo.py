@@ -168,3 +168,32 @@ def test_missing_extra_names_the_install_command(monkeypatch: pytest.MonkeyPatch
     with pytest.raises(ImportError, match=r"pip install b3mine\[demo\]"):
         demo.load_teacher()
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
+
+
+def test_demo_command_says_why_the_first_run_is_slow_and_shows_the_cache(
+    tmp_path: Path, teacher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import io
+
+    from rich.console import Console
+
+    import b3mine.cli
+
+    monkeypatch.setattr(demo, "load_teacher", lambda: teacher)  # reuse the loaded model
+    monkeypatch.setenv("B3MINE_CACHE", str(tmp_path / "cache"))
+    args = ["demo", "--max-pairs", "64", "--batch-size", "16", "--cluster-size", "4",
+            "--out", str(tmp_path / "plans")]
+    outputs = []
+    for _ in range(2):
+        buffer = io.StringIO()
+        monkeypatch.setattr(b3mine.cli, "console", Console(file=buffer, width=400))
+        with pytest.raises(SystemExit) as info:
+            b3mine.cli.main(args)
+        assert info.value.code == 0
+        outputs.append(buffer.getvalue())
+    cache = tmp_path / "cache" / "demo"
+    assert (f"first run: the teacher embeds every pair on the CPU, which takes minutes "
+            f"(progress bar below); the embeddings are then cached in {cache}") in outputs[0]
+    (path,) = cache.glob("demo-64-*.parquet")
+    assert "first run" not in outputs[1]
+    assert f"embeddings: {path} (cached: nothing to embed)" in outputs[1]
