@@ -185,16 +185,9 @@ def test_failed_stage_resumes_from_checkpoints(tmp_path, corpus_path, small_conf
     assert stats["skipped_stages"] == ["load", "neighbours", "graph"]
     assert set(stats["timings"]) == {"clusters", "batches", "negatives", "report"}
     assert set(result.timings) == {"clusters", "batches", "negatives", "write"}
-    import io
+    from tests.test_cli import report_text
 
-    from rich.console import Console
-
-    import b3mine.cli
-
-    buffer = io.StringIO()
-    monkeypatch.setattr(b3mine.cli, "console", Console(file=buffer, width=400))
-    b3mine.cli.print_report(result.plan.path)
-    text = buffer.getvalue()
+    text = report_text(monkeypatch, result.plan.path)
     assert "skipped load, neighbours, graph: done by an earlier run of this job" in text
     assert "seconds (this run)" in text and "neighbours 0" not in text
 
