@@ -8,8 +8,8 @@ command's options by name: a config field ``a.b`` is set by the option whose Pyt
 ``--negatives`` sets ``negatives.mode``), so a new command gets this by naming its parameters
 after the fields they set.
 
->>> # b3mine mine ... --algorithm kmeans
->>> # error: --algorithm 'kmeans': expected one of 'metis', 'louvain', 'igraph-louvain' or 'leiden'
+    $ b3mine mine --embeddings e.parquet --algorithm kmeans
+    error: --algorithm 'kmeans': expected one of 'metis', 'louvain', 'igraph-louvain' or 'leiden'
 """
 from __future__ import annotations
 
