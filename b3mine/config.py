@@ -139,6 +139,13 @@ class MiningConfig(FrozenConfig):
     def digest(self) -> str:
         return hashlib.sha256(self.canonical_json().encode()).hexdigest()
 
+    def result_json(self) -> str:
+        """`canonical_json` without the settings that cannot change a plan (the neighbour
+        block size: the rank lists are in canonical order whatever the blocking)."""
+        data = self.model_dump(mode="json")
+        del data["neighbours"]["block_size"]
+        return json.dumps(data, sort_keys=True, separators=(",", ":"))
+
 
 class EmbeddingSource(FrozenConfig):
     """Where the teacher embeddings are, and which columns hold what.

@@ -78,7 +78,7 @@ def make_negatives(emb: Embeddings, neighbours: Neighbours, clusters: clustering
     pos = positive_scores(emb.queries, emb.target_matrix)
     if neg.mode == "hnips":
         with stage_progress(progress, "negatives", 1):
-            return hnips(neighbours, pos, config.p, neg, rng)
+            return hnips(neighbours, emb.queries, emb.target_matrix, pos, config.p, neg, rng)
     return hnps(neighbours, clusters.members, emb.queries, emb.target_matrix, pos, config.p, neg,
                 rng, progress)
 

@@ -41,17 +41,49 @@ from b3mine.config import MiningConfig
 from b3mine.errors import PlanError
 
 FORMAT_VERSION = 1
+# Bumped whenever the same inputs and config can give a different plan (an algorithm change):
+# 2 = canonical neighbour order (b3mine.neighbours.canonical_order).
+RESULT_VERSION = 2
+# The distributions whose version can change a plan, per setting that uses them. numpy draws
+# every random choice (its Generator streams may change between releases).
+RESULT_LIBRARIES: dict[str, tuple[str, ...]] = {
+    "metis": ("pymetis",),
+    "louvain": ("networkx", "python-louvain"),
+    "igraph-louvain": ("igraph",),
+    "leiden": ("igraph", "leidenalg"),
+    "ivf": ("faiss-cpu", "faiss-gpu"),  # approximate indexes: their candidates are FAISS's
+    "hnsw": ("faiss-cpu", "faiss-gpu"),
+}
 MANIFEST = "manifest.json"
 CLUSTERS = "clusters.parquet"
 BATCHES = "batches.parquet"
 NEGATIVES = "negatives.parquet"
 
 
+def result_versions(config: MiningConfig) -> dict[str, str]:
+    """Versions of what can change this config's plan: the result version, numpy (major.minor)
+    and the clustering/index libraries the config uses. Exact indexes are left out: their
+    canonical order does not depend on the library that searched."""
+    from importlib import metadata
+
+    out = {"b3mine-result": str(RESULT_VERSION),
+           "numpy": ".".join(np.__version__.split(".")[:2])}
+    for name in (RESULT_LIBRARIES.get(config.algorithm, ())
+                 + RESULT_LIBRARIES.get(config.neighbours.index, ())):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
 def plan_id_for(dataset_fingerprint: str, config: MiningConfig) -> str:
-    """Content hash of the inputs and the config: the same data and config name the same plan."""
+    """Content hash of the inputs, the config and `result_versions`: the same id always names
+    the same plan (same data, config and result-relevant libraries)."""
     h = hashlib.sha256()
     h.update(f"b3mine-plan-v{FORMAT_VERSION}\0{dataset_fingerprint}\0".encode())
-    h.update(config.canonical_json().encode())
+    h.update(config.result_json().encode())
+    h.update(json.dumps(result_versions(config), sort_keys=True).encode())
     return h.hexdigest()[:20]
 
 

@@ -342,7 +342,7 @@ class _Job:
                 shards = [self.submit(stages.search_corpus_shard, self.root, config, a, b, k,
                                       int(ts), int(te))
                           for ts, te in zip(edges[:-1], edges[1:]) if te > ts]
-                futures.append(self.submit(stages.merge_block, self.root, name, k, *shards))
+                futures.append(self.submit(stages.merge_block, self.root, name, a, b, k, *shards))
         self.gather("neighbours", futures, done=done, total=len(parts))
         assert self.client is not None
         try:
