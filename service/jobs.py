@@ -241,6 +241,16 @@ class JobRegistry:
         if row and row[0]:
             raise Interrupted("cancelled")
 
+    def check(self, job_id: str, owner: str) -> None:
+        """Raise Interrupted if the job was cancelled or is no longer ``owner``'s (read only)."""
+        with self._lock:
+            row = self._conn.execute("SELECT owner, state, cancel_requested FROM jobs "
+                                     "WHERE id=?", (job_id,)).fetchone()
+        if row is None or row["owner"] != owner or row["state"] != "running":
+            raise Interrupted("lost")
+        if row["cancel_requested"]:
+            raise Interrupted("cancelled")
+
     def finish(self, job_id: str, owner: str, state: JobState, *, plan_id: str | None = None,
                error: str | None = None) -> bool:
         now = _now()

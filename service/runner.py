@@ -2,8 +2,9 @@
 
 Jobs run in a small thread pool (``Settings.job_workers``). The engine is pluggable:
 
-* ``local`` — ``b3mine.cli.run_engine("local", ...)``, i.e. ``b3mine.mining.mine`` in the worker
-  thread (numpy/FAISS release the GIL for the heavy parts);
+* ``local`` — ``b3mine.cli.run_engine("local", ...)``, i.e. ``b3mine.mining.mine``, in a spawned
+  child process per job (``service.worker``): METIS and friends hold the GIL for seconds, and
+  serving latency must not depend on mining;
 * ``dask`` — the ``b3mine.engines`` entry point (``pipelines.engine:mine``), called the same way
   with ``Settings.engine_options`` (scheduler, workers); the thread only waits on the cluster.
 
@@ -23,11 +24,13 @@ from typing import Any
 
 from b3mine.config import EmbeddingSource, MiningConfig
 from b3mine.errors import B3MineError
+from b3mine.plan import BatchPlan
 
 from service.datasets import PATH_FIELDS, absolute_source, is_url
 from service.jobs import Interrupted, JobRegistry, new_owner
 from service.metrics import Metrics
 from service.settings import Settings
+from service.worker import JobFailed, mine_in_child
 
 log = logging.getLogger("b3mine.service")
 
@@ -80,6 +83,11 @@ class JobRunner:
             source = EmbeddingSource.model_validate_json(job.dataset)
             config = MiningConfig.model_validate_json(job.config)
             plan = self._mine(job_id, source, config, job.engine)
+        except JobFailed as exc:
+            if exc.bug:
+                log.error("job %s failed in the mining process: %s", job_id, exc)
+            self._finish(job_id, "failed", error=str(exc).splitlines()[0])
+            return
         except Interrupted as exc:
             if exc.reason == "cancelled":
                 self._finish(job_id, "cancelled", error="cancelled by request")
@@ -129,7 +137,17 @@ class JobRunner:
             options = dict(settings.engine_options)
         progress = self._progress_callback(job_id)
         progress("start", 0.0)  # first registry touch: honours a cancel sent before we began
-        return run_engine(engine, source, config, settings.plans, options, progress)
+        if engine != "local":  # the thread only waits on the cluster
+            return run_engine(engine, source, config, settings.plans, options, progress)
+
+        def check() -> None:
+            if self._stopping.is_set():
+                raise Interrupted("shutdown")
+            self.registry.check(job_id, self.owner)
+
+        path = mine_in_child(engine, source.model_dump_json(), config.model_dump_json(),
+                             settings.plans, options, progress, check, nice=settings.mining_nice)
+        return BatchPlan.open(path)
 
 
 def _materialise_urls(source: EmbeddingSource, settings: Settings) -> EmbeddingSource:

@@ -34,7 +34,10 @@ class Settings(BaseSettings):
         "none configured writes are disabled")
     require_key_for_reads: bool = Field(False, description="also require a key for GET endpoints")
     engine: Literal["local", "dask"] = Field("local", description="local: b3mine.mining in a "
-                                             "worker thread; dask: the b3mine.engines plugin")
+                                             "child process per job; dask: the b3mine.engines "
+                                             "plugin")
+    mining_nice: int = Field(10, ge=0, le=19, description="CPU niceness of local mining "
+                             "processes: serving keeps priority on shared cores")
     engine_options: dict[str, Any] = Field(default_factory=dict, description="extra keyword "
                                            "arguments of the engine (dask: scheduler, workers)")
     job_workers: int = Field(1, ge=1, description="jobs mined concurrently per service process")
