@@ -20,7 +20,7 @@ import scipy.sparse as sp
 from b3mine import clustering
 from b3mine.batches import Batches, assemble_batches, cluster_affinity
 from b3mine.config import EmbeddingSource, MiningConfig
-from b3mine.embeddings import Embeddings, check_minimum_rows, load_embeddings
+from b3mine.embeddings import Embeddings, load_embeddings
 from b3mine.graph import degree_stats, window_graph
 from b3mine.negatives import hnips, hnps, positive_scores
 from b3mine.neighbours import Neighbours, search
@@ -29,6 +29,7 @@ from b3mine.plan import (
     DatasetInfo,
     PlanCounts,
     PlanTables,
+    check_output_dir,
     plan_id_for,
     write_plan,
 )
@@ -39,7 +40,7 @@ from b3mine.report import quality_report, report_json, report_png
 # -- stages ----------------------------------------------------------------------------------
 
 def prepare(emb: Embeddings, config: MiningConfig) -> Embeddings:
-    check_minimum_rows(emb, config.batch_size)
+    config.check_fits(emb.n_rows, emb.source)
     return emb.normalized() if config.normalize else emb
 
 
@@ -114,7 +115,7 @@ def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
 
 def mine(
     embeddings: Embeddings | EmbeddingSource | str | Path,
-    config: MiningConfig | None = None,
+    config: MiningConfig | dict[str, Any] | None = None,
     out: str | Path = "plans",
     *,
     progress: ProgressCallback | None = None,
@@ -123,9 +124,11 @@ def mine(
     """Mine a batch plan and write it atomically under ``out/<plan_id>``.
 
     The plan id is a content hash of the embeddings and the config: mining the same inputs again
-    returns the existing plan without recomputing it.
+    returns the existing plan without recomputing it. ``config`` may be a dict of its fields.
+    The output directory is checked first, before any mining.
     """
-    config = config or MiningConfig()
+    config = MiningConfig.of(config)
+    out = check_output_dir(out)
     timings: dict[str, float] = {}
     with _timed(timings, "load"), stage_progress(progress, "load", 1):
         raw = embeddings if isinstance(embeddings, Embeddings) else load_embeddings(embeddings)

@@ -147,6 +147,27 @@ class PlanTables:
     extra_files: dict[str, bytes] = field(default_factory=dict)
 
 
+def check_output_dir(root: str | Path) -> Path:
+    """Create ``root`` if needed and prove it takes a plan (a probe directory is made and
+    removed), so an unwritable or clashing output fails in one line before any mining."""
+    root = Path(root)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".tmp-probe-{uuid.uuid4().hex[:8]}"
+        probe.mkdir()
+        probe.rmdir()
+    except FileExistsError as exc:
+        raise PlanError(f"output directory {root}: a file is in the way ({exc.filename})") \
+            from exc
+    except NotADirectoryError as exc:
+        raise PlanError(f"output directory {root}: a parent is a file, not a directory") \
+            from exc
+    except OSError as exc:
+        raise PlanError(f"output directory {root} is not writable: {exc.strerror or exc}") \
+            from exc
+    return root
+
+
 def _ids_array(ids: np.ndarray) -> pa.Array:
     if ids.dtype.kind in "iu":
         return pa.array(ids.astype(np.int64, copy=False))
@@ -186,7 +207,7 @@ def _write_tables(tmp: Path, tables: PlanTables) -> None:
                 "padded": pa.array(tables.cluster_padded.reshape(-1)),
             }
         ),
-        tmp / CLUSTERS,
+        tmp / CLUSTERS, write_page_checksum=True,
     )
     epochs, n_batches, batch_size = tables.batches.shape
     per_epoch = n_batches * batch_size
@@ -208,7 +229,7 @@ def _write_tables(tmp: Path, tables: PlanTables) -> None:
             )
             if writer is None:
                 schema = table.schema
-                writer = pq.ParquetWriter(tmp / BATCHES, schema)
+                writer = pq.ParquetWriter(tmp / BATCHES, schema, write_page_checksum=True)
             # One row group per epoch: readers fetch an epoch without touching the others.
             writer.write_table(table, row_group_size=max(per_epoch, 1))
         if writer is None:  # zero batches: still write a valid, empty table
@@ -217,7 +238,7 @@ def _write_tables(tmp: Path, tables: PlanTables) -> None:
                           "position": pa.array([], pa.int32()), "row": pa.array([], pa.int64()),
                           "id": _ids_array(ids[:0]), "cluster": pa.array([], pa.int32()),
                           "padded": pa.array([], pa.bool_())}),
-                tmp / BATCHES,
+                tmp / BATCHES, write_page_checksum=True,
             )
     finally:
         if writer is not None:
@@ -239,7 +260,7 @@ def _write_tables(tmp: Path, tables: PlanTables) -> None:
                     "negative_ids": pa.ListArray.from_arrays(offsets, _ids_array(ids[flat])),
                 }
             ),
-            tmp / NEGATIVES,
+            tmp / NEGATIVES, write_page_checksum=True,
         )
     for name, data in tables.extra_files.items():
         (tmp / name).write_bytes(data)
@@ -282,6 +303,9 @@ def write_plan(
             files=files,
         )
         _atomic_write_text(tmp / MANIFEST, manifest.model_dump_json(indent=2))
+        # what a reader will do, before anyone can see it: a plan that cannot be opened and
+        # validated (a manifest that does not round-trip, a broken table) is never published
+        BatchPlan.open(tmp).validate(check_hashes=False)
         _fsync_dir(tmp)
         try:
             os.rename(tmp, final)
@@ -383,7 +407,8 @@ class BatchPlan(PlanShape):
     # -- reading -----------------------------------------------------------------------------
     @cached_property
     def _batches_file(self) -> pq.ParquetFile:
-        return pq.ParquetFile(self.path / BATCHES, memory_map=True)
+        return pq.ParquetFile(self.path / BATCHES, memory_map=True,
+                              page_checksum_verification=True)
 
     def _check_epoch(self, epoch: int) -> None:
         if not 0 <= epoch < self.epochs:
@@ -412,13 +437,15 @@ class BatchPlan(PlanShape):
         return rows.reshape(self.batches_per_epoch, self.batch_size)
 
     def clusters_table(self) -> pa.Table:
-        return pq.read_table(self.path / CLUSTERS, memory_map=True)
+        return pq.read_table(self.path / CLUSTERS, memory_map=True,
+                             page_checksum_verification=True)
 
     @cached_property
     def _negatives(self) -> pa.Table | None:
         if not self.has_negatives:
             return None
-        return pq.read_table(self.path / NEGATIVES, memory_map=True)
+        return pq.read_table(self.path / NEGATIVES, memory_map=True,
+                             page_checksum_verification=True)
 
     def negatives_table(self) -> pa.Table | None:
         return self._negatives

@@ -35,9 +35,9 @@ import numpy as np
 from distributed import Client, Future, as_completed
 
 from b3mine.config import EmbeddingSource, MiningConfig
-from b3mine.embeddings import Embeddings, check_minimum_rows
+from b3mine.embeddings import Embeddings
 from b3mine.errors import B3MineError
-from b3mine.plan import MANIFEST, BatchPlan, plan_id_for
+from b3mine.plan import MANIFEST, BatchPlan, check_output_dir, plan_id_for
 from b3mine.progress import ProgressCallback
 
 from pipelines import stages
@@ -146,9 +146,9 @@ def run_job(
     keep_work: keep the work directory after the plan is written (default: remove it).
     retries: extra attempts of a task that raised (worker deaths are retried by Dask anyway).
     """
-    config = config or MiningConfig()
+    config = MiningConfig.of(config)
     src = _as_source(source)
-    out = Path(out)
+    out = check_output_dir(out)
     job_id = job_id_for(src, config)
     record = out / ".work" / f"{job_id}.json"
     cached = _cached_plan(out, record)
@@ -302,10 +302,8 @@ class _Job:
 
     def _load(self, source: EmbeddingSource, shard_rows: int) -> dict[str, Any]:
         plan = stages.plan_source(source, shard_rows)
-        # the core's "one full batch" check, before any vector is read
-        check_minimum_rows(Embeddings(ids=np.zeros(0), queries=np.empty((plan.n_rows, 0),
-                                                                         np.float32),
-                                      source=plan.label), self.config.batch_size)
+        # the core's checks (one full batch, a window that fits), before any vector is read
+        self.config.check_fits(plan.n_rows, plan.label)
         stages.allocate_vectors(self.work, plan, self.config.normalize)
         total = len(plan.shards) + 1
         futures = [self.submit(stages.load_shard, self.root, plan, a, b, self.config.normalize)

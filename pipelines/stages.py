@@ -26,6 +26,8 @@ from b3mine.batches import Batches
 from b3mine.config import EmbeddingSource, MiningConfig
 from b3mine.embeddings import (
     Embeddings,
+    load_npy,
+    read_checked,
     open_parquet,
     parquet_files,
     read_ids_file,
@@ -107,8 +109,8 @@ class ParquetRows:
                 offset = hi
                 if hi <= start or lo >= stop:
                     continue
-                pf = pf or pq.ParquetFile(f, memory_map=True)
-                t = pf.read_row_group(g, columns=columns)
+                pf = pf or pq.ParquetFile(f, memory_map=True, page_checksum_verification=True)
+                t = read_checked(f, lambda: pf.read_row_group(g, columns=columns))
                 a, b = max(start, lo) - lo, min(stop, hi) - lo
                 pieces.append(t.slice(a, b - a))
         return pa.concat_tables(pieces) if len(pieces) > 1 else pieces[0]
@@ -143,7 +145,7 @@ def plan_source(source: EmbeddingSource, shard_rows: int) -> SourcePlan:
     if path.suffix == ".npy":
         if source.ids_path is None:
             raise InputError(".npy embeddings need an aligned id file (ids_path)", file=str(path))
-        q = np.load(path, mmap_mode="r")
+        q = load_npy(path)
         n, dim = (q.shape[0], q.shape[1]) if q.ndim == 2 else (q.shape[0], 0)
         edges = list(range(0, n, shard_rows)) + [n]
     else:
@@ -171,8 +173,8 @@ def _read_shard(plan: SourcePlan, start: int, stop: int
     src = plan.source
     path = Path(src.path)
     if path.suffix == ".npy":
-        q = np.asarray(np.load(path, mmap_mode="r")[start:stop])
-        t = np.asarray(np.load(src.target_path, mmap_mode="r")[start:stop]) \
+        q = np.asarray(load_npy(path)[start:stop])
+        t = np.asarray(load_npy(Path(src.target_path))[start:stop]) \
             if src.target_path else None
         return None, q, t
     rows = ParquetRows.open(path, _source_columns(src))

@@ -49,7 +49,7 @@ def router(ctx: Context) -> APIRouter:
             response.status_code = status.HTTP_200_OK
         return JobStatus.of(job)
 
-    @r.get("", response_model=JobList, dependencies=[Depends(ctx.require_read)],
+    @r.get("", response_model=JobList, dependencies=[Depends(ctx.require_job_read)],
            responses=error_responses(401, 403, 422))
     async def list_jobs(
         state: Literal["queued", "running", "succeeded", "failed", "cancelled"] | None = None,
@@ -59,7 +59,7 @@ def router(ctx: Context) -> APIRouter:
         jobs = await run_in_threadpool(ctx.registry.list, state, limit, offset)
         return JobList(jobs=[JobStatus.of(j) for j in jobs])
 
-    @r.get("/{job_id}", response_model=JobStatus, dependencies=[Depends(ctx.require_read)],
+    @r.get("/{job_id}", response_model=JobStatus, dependencies=[Depends(ctx.require_job_read)],
            responses=error_responses(401, 403, 404, 422))
     def get_job(job_id: str = Path(max_length=128)) -> JobStatus:
         """A job's state: queued; running (with stage and progress); succeeded (with the plan

@@ -97,8 +97,9 @@ def create_app(settings: Settings | None = None, *,
     metrics = Metrics(registry.counts, lambda: {
         "batch": (store.batches.hits, store.batches.misses)})
     runner = JobRunner(registry, settings, metrics, hook=progress_hook)
-    require_write, require_read = make_guards(settings)
-    ctx = Context(settings, registry, runner, store, metrics, require_write, require_read)
+    require_write, require_read, require_job_read = make_guards(settings)
+    ctx = Context(settings, registry, runner, store, metrics, require_write, require_read,
+                  require_job_read)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

@@ -26,7 +26,8 @@ from b3mine.config import EmbeddingSource, MiningConfig
 from b3mine.errors import B3MineError
 from b3mine.plan import BatchPlan
 
-from service.datasets import PATH_FIELDS, absolute_source, is_url
+from service.datasets import PATH_FIELDS, absolute_source, check_source_under_root, is_url
+from service.errors import ApiError
 from service.jobs import Interrupted, JobRegistry, new_owner
 from service.metrics import Metrics
 from service.settings import Settings
@@ -93,7 +94,7 @@ class JobRunner:
                 self._finish(job_id, "cancelled", error="cancelled by request")
             # "shutdown"/"lost": leave the row to the next start's recovery (or its new owner).
             return
-        except (B3MineError, ValueError, OSError) as exc:
+        except (B3MineError, ApiError, ValueError, OSError) as exc:
             self._finish(job_id, "failed", error=str(exc) or type(exc).__name__)
             return
         except Exception as exc:  # an engine bug must end the job, not kill the worker
@@ -129,6 +130,7 @@ class JobRunner:
         from b3mine.cli import run_engine
 
         settings = self.settings
+        check_source_under_root(source, settings)  # again: a symlink planted since submission
         source = absolute_source(source, settings)
         options: dict[str, Any] = {}
         if engine == "local":

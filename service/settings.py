@@ -32,7 +32,11 @@ class Settings(BaseSettings):
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list, description="accepted X-API-Key values; writes need one, and with "
         "none configured writes are disabled")
-    require_key_for_reads: bool = Field(False, description="also require a key for GET endpoints")
+    require_key_for_reads: bool = Field(False, description="also require a key to read plans "
+                                        "(GET /v1/plans...)")
+    require_key_for_job_reads: bool = Field(True, description="require a key to read jobs "
+                                            "(GET /v1/jobs...): they show dataset paths and "
+                                            "errors")
     engine: Literal["local", "dask"] = Field("local", description="local: b3mine.mining in a "
                                              "child process per job; dask: the b3mine.engines "
                                              "plugin")
