@@ -207,7 +207,7 @@ def load_npy(path: Path, *, mmap: bool = True) -> np.ndarray:
     try:
         return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
     except ValueError as exc:
-        if "allow_pickle" in str(exc) or "Object arrays" in str(exc):
+        if any(s in str(exc) for s in ("allow_pickle", "Object arrays", "Python objects")):
             raise InputError("a pickled .npy (object array) is not accepted", file=str(path),
                              expected="a numeric (or, for ids, string/integer) array saved "
                              "without pickle") from exc

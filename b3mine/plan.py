@@ -39,6 +39,7 @@ from pydantic import BaseModel, ConfigDict
 
 from b3mine.config import MiningConfig
 from b3mine.errors import PlanError
+from b3mine.writers import LOCK_SUFFIX, remove_orphans, writer_lock
 
 FORMAT_VERSION = 1
 # Bumped whenever the same inputs and config can give a different plan (an algorithm change):
@@ -153,7 +154,7 @@ def check_output_dir(root: str | Path) -> Path:
     root = Path(root)
     try:
         root.mkdir(parents=True, exist_ok=True)
-        probe = root / f".tmp-probe-{uuid.uuid4().hex[:8]}"
+        probe = root / f".probe-{uuid.uuid4().hex[:8]}"
         probe.mkdir()
         probe.rmdir()
     except FileExistsError as exc:
@@ -279,45 +280,49 @@ def write_plan(
     """Write a plan under ``root/<plan_id>`` atomically (temp dir + rename) and return it.
 
     If the plan already exists (same data and config) the existing one is returned untouched.
-    A crash at any point leaves at most a hidden ``.tmp-*`` directory, never a half plan.
+    A crash at any point leaves at most a hidden ``.tmp-*`` directory, never a half plan; the
+    next write under ``root`` removes it (``b3mine.writers``: only when its writer is dead).
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
+    remove_orphans(root, ".tmp-")  # what killed writers left (never a live writer's)
     plan_id = plan_id or plan_id_for(dataset.fingerprint, config)
     final = root / plan_id
     if (final / MANIFEST).exists():
         return BatchPlan.open(final)
     tmp = root / f".tmp-{plan_id}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        _write_tables(tmp, tables)
-        files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-        manifest = PlanManifest(
-            plan_id=plan_id,
-            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            config=config,
-            dataset=dataset,
-            counts=counts,
-            stats=stats or {},
-            versions=library_versions(),
-            files=files,
-        )
-        _atomic_write_text(tmp / MANIFEST, manifest.model_dump_json(indent=2))
-        # what a reader will do, before anyone can see it: a plan that cannot be opened and
-        # validated (a manifest that does not round-trip, a broken table) is never published
-        BatchPlan.open(tmp).validate(check_hashes=False)
-        _fsync_dir(tmp)
+    with writer_lock(tmp.with_name(tmp.name + LOCK_SUFFIX)):
+        tmp.mkdir()
         try:
-            os.rename(tmp, final)
-        except OSError:
-            if (final / MANIFEST).exists():  # a concurrent writer won the race: same content
-                shutil.rmtree(tmp, ignore_errors=True)
-            else:
-                raise
-        _fsync_dir(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            _write_tables(tmp, tables)
+            files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+            manifest = PlanManifest(
+                plan_id=plan_id,
+                created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                config=config,
+                dataset=dataset,
+                counts=counts,
+                stats=stats or {},
+                versions=library_versions(),
+                files=files,
+            )
+            _atomic_write_text(tmp / MANIFEST, manifest.model_dump_json(indent=2))
+            # what a reader will do, before anyone can see it: a plan that cannot be opened
+            # and validated (a manifest that does not round-trip, a broken table) is never
+            # published
+            BatchPlan.open(tmp).validate(check_hashes=False)
+            _fsync_dir(tmp)
+            try:
+                os.rename(tmp, final)
+            except OSError:
+                if (final / MANIFEST).exists():  # a concurrent writer won the race: same content
+                    shutil.rmtree(tmp, ignore_errors=True)
+                else:
+                    raise
+            _fsync_dir(root)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return BatchPlan.open(final)
 
 

@@ -10,6 +10,7 @@ from starlette.concurrency import run_in_threadpool
 from service.context import Context
 from service.datasets import dataset_key, normalise_source, source_fingerprint
 from service.errors import ApiError, error_responses
+from service.limits import check_plan_size
 from service.models import JobList, JobRequest, JobStatus
 
 MAX_INT = 2**31 - 1
@@ -28,7 +29,7 @@ def router(ctx: Context) -> APIRouter:
             dependencies=[Depends(ctx.require_write)],
             responses={200: {"model": JobStatus, "description": "the same request already "
                              "succeeded: the existing job, with its plan id"},
-                       **error_responses(400, 401, 403, 422)})
+                       **error_responses(400, 401, 403, 413, 422, 503)})
     def submit(body: JobRequest, response: Response) -> JobStatus:
         """Queue a mining job (202, ``Location: /v1/jobs/{id}``).
 
@@ -38,6 +39,7 @@ def router(ctx: Context) -> APIRouter:
         """
         settings = ctx.settings
         source = normalise_source(body.dataset, settings)
+        check_plan_size(source, body.config, settings)
         key = dataset_key(source)
         job_id = job_id_for(key, source_fingerprint(source, settings), body.config.digest())
         job, outcome = ctx.registry.submit(job_id, key, body.config.canonical_json(),

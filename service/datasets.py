@@ -142,5 +142,15 @@ def source_fingerprint(source: EmbeddingSource, settings: Settings) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
+def relative_paths(text: str, settings: Settings) -> str:
+    """``text`` with the server's absolute directories written relative to the data root
+    (error messages reach clients: they must not map the server's filesystem)."""
+    for base, name in ((settings.plans, "plans"), (settings.cache, ".cache")):
+        if not base.is_relative_to(settings.data_root):
+            text = text.replace(str(base), f"<{name}>")
+    text = text.replace(f"{settings.data_root}/", "")
+    return text.replace(str(settings.data_root), ".")
+
+
 def dataset_key(source: EmbeddingSource) -> str:
     return json.dumps(source.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))

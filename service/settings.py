@@ -45,6 +45,11 @@ class Settings(BaseSettings):
     engine_options: dict[str, Any] = Field(default_factory=dict, description="extra keyword "
                                            "arguments of the engine (dask: scheduler, workers)")
     job_workers: int = Field(1, ge=1, description="jobs mined concurrently per service process")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="largest request body (413)")
+    max_plan_rows: int = Field(100_000_000, ge=1, description="largest plan a job may ask "
+                               "for, in rows x epochs (422)")
+    max_plan_bytes: int = Field(4 << 30, ge=1, description="largest plan a job may ask for, "
+                                "in estimated bytes written (422)")
     max_page: int = Field(1000, ge=1, description="most batches in one JSON page")
     default_page: int = Field(100, ge=1, description="batches in a JSON page without ?limit=")
     epoch_cache: int = Field(8, ge=1, description="memory-mapped epochs kept open (LRU)")
