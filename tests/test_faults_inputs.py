@@ -120,8 +120,9 @@ def test_output_directory_is_checked_first(tmp_path):
 def _flip_page_bytes(path, offset_fraction=0.5, n=64):
     data = bytearray(path.read_bytes())
     meta = pq.ParquetFile(path).metadata.row_group(0).column(0)
-    start = meta.data_page_offset + int(meta.total_compressed_size * offset_fraction)
-    for i in range(start, min(start + n, len(data) - 8)):
+    first = meta.dictionary_page_offset or meta.data_page_offset  # the chunk's first page
+    start = first + int(meta.total_compressed_size * offset_fraction)
+    for i in range(start, min(start + n, first + meta.total_compressed_size)):
         data[i] ^= 0xFF
     path.write_bytes(bytes(data))
 
