@@ -148,16 +148,22 @@ async def fetch_batches(port: int, plan_id: str, n_batches: int, clients: int, p
             if status != 200 or not body.startswith(b"{"):
                 raise RuntimeError(f"batch {k}: HTTP {status}")
 
+    wall = await run_clients(conns, one_client)
+    ms = [x * 1000 for x in latencies]
+    stats = _stats(ms)
+    del stats["n"]
+    return {"bench": "single_batch", "clients": clients, "requests": len(ms),
+            "throughput_rps": round(len(ms) / wall, 1), **stats}
+
+
+async def run_clients(conns: list[RawConnection], one_client) -> float:
+    """Run one coroutine per connection to the end; close them; return the wall time."""
     start = time.perf_counter()
     await asyncio.gather(*(one_client(c) for c in conns))
     wall = time.perf_counter() - start
     for c in conns:
         c.close()
-    ms = np.array(latencies) * 1000
-    return {"bench": "single_batch", "clients": clients, "requests": len(ms),
-            "throughput_rps": round(len(ms) / wall, 1),
-            "p50_ms": round(float(np.percentile(ms, 50)), 2),
-            "p99_ms": round(float(np.percentile(ms, 99)), 2), "max_ms": round(float(ms.max()), 2)}
+    return wall
 
 
 def _stats(ms: list[float]) -> dict:
@@ -194,11 +200,7 @@ async def mixed_load(port: int, plan_id: str, n_batches: int, clients: int, per_
             if status != 200:
                 raise RuntimeError(f"{path}: HTTP {status}")
 
-    start = time.perf_counter()
-    await asyncio.gather(*(one_client(c) for c in conns))
-    wall = time.perf_counter() - start
-    for c in conns:
-        c.close()
+    wall = await run_clients(conns, one_client)
     every = [x for v in latencies.values() for x in v]
     return {"bench": "mixed", "run": label, "clients": clients,
             "throughput_rps": round(len(every) / wall, 1), **_stats(every),

@@ -198,13 +198,19 @@ def test_registry_replaced_under_the_server_is_503(settings):
         assert c.post("/v1/jobs", json=job()).status_code == 503
 
 
-def test_killed_mining_process_fails_the_job(settings):
+def signal_at(stage: str):
+    """A progress hook that sets an event once a job reaches ``stage`` (and never blocks)."""
     entered = threading.Event()
 
-    def hook(job_id: str, stage: str, fraction: float) -> None:
-        if stage == "neighbours":
+    def hook(job_id: str, st: str, fraction: float) -> None:
+        if st == stage:
             entered.set()
 
+    return entered, hook
+
+
+def test_killed_mining_process_fails_the_job(settings):
+    entered, hook = signal_at("neighbours")
     with UvicornThread(create_app(settings, progress_hook=hook)) as s, \
             httpx.Client(base_url=s.url, timeout=30, headers=W) as c:
         running = c.post("/v1/jobs", json=job(seed=8)).json()["id"]
@@ -218,12 +224,7 @@ def test_killed_mining_process_fails_the_job(settings):
 
 
 def test_cancel_kills_the_mining_process(settings):
-    entered = threading.Event()
-
-    def hook(job_id: str, stage: str, fraction: float) -> None:
-        if stage == "neighbours":
-            entered.set()
-
+    entered, hook = signal_at("neighbours")
     with UvicornThread(create_app(settings, progress_hook=hook)) as s, \
             httpx.Client(base_url=s.url, timeout=30, headers=W) as c:
         running = c.post("/v1/jobs", json=job(seed=9, epochs=3)).json()["id"]
