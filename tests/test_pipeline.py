@@ -20,7 +20,6 @@ from distributed import Client, LocalCluster  # noqa: E402
 from b3mine.config import MiningConfig, NegativesConfig, NeighbourConfig  # noqa: E402
 from b3mine.graph import window_graph  # noqa: E402
 from b3mine.mining import mine as local_mine  # noqa: E402
-from b3mine.neighbours import search  # noqa: E402
 from b3mine.plan import BatchPlan  # noqa: E402
 from pipelines import read_progress  # noqa: E402
 from pipelines.checkpoints import WorkDir  # noqa: E402
