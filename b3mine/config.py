@@ -27,9 +27,10 @@ NegativeMode = Literal["none", "hnps", "hnips"]
 
 
 class FrozenConfig(BaseModel):
-    """Base of every configuration object: immutable, unknown keys refused, loadable from a file."""
+    """Base of every configuration object: immutable, unknown keys refused, non-finite numbers
+    (inf, NaN: JSON ``Infinity``) refused, loadable from a file."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     @classmethod
     def from_file(cls, path: str | Path) -> Self:
@@ -142,8 +143,36 @@ class MiningConfig(FrozenConfig):
     def canonical_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
 
+    @classmethod
+    def of(cls, config: MiningConfig | dict | None) -> MiningConfig:
+        """A config from a config, a dict of its fields (validated) or None (the defaults)."""
+        if config is None:
+            return cls()
+        return config if isinstance(config, cls) else cls.model_validate(config)
+
+    def check_fits(self, n_rows: int, source: str) -> None:
+        """Refuse data this config cannot mine into a meaningful plan (InputError, one line):
+        fewer rows than one batch, or a rank window [p, p+m) that does not fit in the rows
+        (p >= N gives no edges at all). One check for the CLI, the API, and every engine."""
+        from b3mine.errors import InputError
+
+        if n_rows < self.batch_size:
+            raise InputError("too few examples for one full batch", file=source,
+                             expected=f">= batch_size = {self.batch_size} rows", got=f"{n_rows}")
+        if self.p + self.m > n_rows:
+            raise InputError("the rank window [p, p+m) does not fit in the rows", file=source,
+                             expected=f"p + m <= {n_rows} rows",
+                             got=f"p={self.p}, m={self.m}")
+
     def digest(self) -> str:
         return hashlib.sha256(self.canonical_json().encode()).hexdigest()
+
+    def result_json(self) -> str:
+        """`canonical_json` without the settings that cannot change a plan (the neighbour
+        block size: the rank lists are in canonical order whatever the blocking)."""
+        data = self.model_dump(mode="json")
+        del data["neighbours"]["block_size"]
+        return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
 
 class EmbeddingSource(FrozenConfig):

@@ -10,6 +10,7 @@ Every check names the file, column and row at fault. Loading never changes the i
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,7 +110,17 @@ class Embeddings:
 
 
 def _check_matrix(m: np.ndarray, source: str, column: str | None) -> np.ndarray:
-    m = np.asarray(m)  # a memory map stays mapped: no copy
+    try:
+        m = np.asarray(m)  # a memory map stays mapped: no copy
+    except ValueError as exc:  # ragged nested lists
+        raise InputError("embeddings are ragged (rows of different lengths)", file=source,
+                         column=column, expected="rows of one dimension") from exc
+    if m.ndim == 2 and m.shape[0] == 0:
+        raise InputError("no rows: the input holds 0 embeddings", file=source, column=column,
+                         expected=">= 1 row")
+    if m.dtype.kind == "O":
+        raise InputError("embeddings are ragged or not numeric", file=source, column=column,
+                         expected="float32 rows of one dimension", got="object array")
     if m.ndim != 2 or m.shape[1] == 0:
         raise InputError("embeddings must be a 2-D matrix", file=source, column=column,
                          expected="shape (rows, dim>0)", got=str(m.shape))
@@ -145,12 +156,18 @@ def check_unique_ids(ids: np.ndarray, source: str) -> None:
 
 
 def _l2_normalize(m: np.ndarray, source: str, column: str | None) -> np.ndarray:
-    norms = np.linalg.norm(m, axis=1, keepdims=True)
-    zero = norms[:, 0] == 0
-    if zero.any():
-        raise InputError("cannot L2-normalise a zero vector", file=source, column=column,
-                         row=int(np.argmax(zero)), expected="non-zero norm")
-    return (m / norms).astype(np.float32, copy=False)
+    """Row-wise L2 normalisation in float64: float32 squares overflow past ~1e19 and vanish
+    below ~1e-23, float64 ones never do for finite float32 values."""
+    out = np.empty(m.shape, np.float32)
+    for start in range(0, m.shape[0], 65536):
+        block = np.asarray(m[start : start + 65536], dtype=np.float64)
+        norms = np.sqrt(np.einsum("ij,ij->i", block, block))[:, None]
+        zero = norms[:, 0] == 0
+        if zero.any():
+            raise InputError("cannot L2-normalise a zero vector", file=source, column=column,
+                             row=start + int(np.argmax(zero)), expected="non-zero norm")
+        out[start : start + len(block)] = block / norms
+    return out
 
 
 # -- readers ---------------------------------------------------------------------------------
@@ -190,18 +207,29 @@ def _load_npy(source: EmbeddingSource) -> Embeddings:
 
 
 def _open_npy(path: Path) -> np.ndarray:
-    try:
-        return np.load(path, mmap_mode="r")
-    except (ValueError, OSError) as exc:
-        raise InputError(f"cannot read .npy: {exc}", file=str(path)) from exc
+    return load_npy(path, mmap=True)
 
 
 def read_ids_file(path: Path) -> np.ndarray:
     if not path.exists():
         raise InputError("no such id file", file=str(path))
     if path.suffix == ".npy":
-        return np.load(path, allow_pickle=False)
+        return load_npy(path, mmap=False)
     return np.array(path.read_text().splitlines(), dtype=str)
+
+
+def load_npy(path: Path, *, mmap: bool = True) -> np.ndarray:
+    """``np.load`` without pickles (never executed), its errors as one named line."""
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except ValueError as exc:
+        if any(s in str(exc) for s in ("allow_pickle", "Object arrays", "Python objects")):
+            raise InputError("a pickled .npy (object array) is not accepted", file=str(path),
+                             expected="a numeric (or, for ids, string/integer) array saved "
+                             "without pickle") from exc
+        raise InputError(f"cannot read .npy: {exc}", file=str(path)) from exc
+    except OSError as exc:
+        raise InputError(f"cannot read .npy: {exc}", file=str(path)) from exc
 
 
 def parquet_files(path: Path) -> list[Path]:
@@ -216,7 +244,7 @@ def parquet_files(path: Path) -> list[Path]:
 def open_parquet(path: Path, columns: list[str]) -> pq.ParquetFile:
     """Open one Parquet file, checking it is readable and holds ``columns`` (named errors)."""
     try:
-        meta = pq.ParquetFile(path, memory_map=True)
+        meta = pq.ParquetFile(path, memory_map=True, page_checksum_verification=True)
     except (pa.ArrowInvalid, OSError) as exc:
         raise InputError(f"not a readable Parquet file: {exc}", file=str(path)) from exc
     names = meta.schema_arrow.names
@@ -227,8 +255,18 @@ def open_parquet(path: Path, columns: list[str]) -> pq.ParquetFile:
     return meta
 
 
+def read_checked(path: Path | str, read: Callable[[], pa.Table]) -> pa.Table:
+    """Run a Parquet read; a corrupt page (checksum mismatch, undecodable data) becomes one
+    named line instead of Arrow's error from deep inside the reader."""
+    try:
+        return read()
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise InputError(f"corrupt Parquet data: {exc}", file=str(path)) from exc
+
+
 def _read_parquet(path: Path, columns: list[str]) -> pa.Table:
-    tables = [open_parquet(f, columns).read(columns=columns) for f in parquet_files(path)]
+    tables = [read_checked(f, lambda f=f: open_parquet(f, columns).read(columns=columns))
+              for f in parquet_files(path)]
     return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
 
 
@@ -300,10 +338,3 @@ def _load_parquet(source: EmbeddingSource) -> Embeddings:
                              expected="dimension > 0", got="0")
     return Embeddings.from_arrays(ids, queries, targets, source=str(path),
                                   columns=source_columns(source))
-
-
-def check_minimum_rows(emb: Embeddings, batch_size: int) -> None:
-    """A plan needs at least one full batch of examples."""
-    if emb.n_rows < batch_size:
-        raise InputError("too few examples for one full batch", file=emb.source,
-                         expected=f">= batch_size = {batch_size} rows", got=f"{emb.n_rows}")

@@ -20,8 +20,7 @@ import scipy.sparse as sp
 from b3mine import clustering
 from b3mine.batches import Batches, assemble_batches, cluster_affinity
 from b3mine.config import EmbeddingSource, MiningConfig
-from b3mine.embeddings import Embeddings, check_minimum_rows, load_embeddings
-from b3mine.errors import InputError
+from b3mine.embeddings import Embeddings, load_embeddings
 from b3mine.graph import degree_stats, window_graph
 from b3mine.negatives import hnips, hnps, positive_scores
 from b3mine.neighbours import Neighbours, search
@@ -30,6 +29,7 @@ from b3mine.plan import (
     DatasetInfo,
     PlanCounts,
     PlanTables,
+    check_output_dir,
     plan_id_for,
     write_plan,
 )
@@ -40,18 +40,8 @@ from b3mine.report import quality_report, report_json, report_png
 # -- stages ----------------------------------------------------------------------------------
 
 def prepare(emb: Embeddings, config: MiningConfig) -> Embeddings:
-    check_minimum_rows(emb, config.batch_size)
-    check_window(emb.n_rows, config, emb.source)
+    config.check_fits(emb.n_rows, emb.source)
     return emb.normalized() if config.normalize else emb
-
-
-def check_window(n_rows: int, config: MiningConfig, source: str) -> None:
-    """Refuse a window [p, p+m) that starts past the ``n_rows`` ranks every row has: it would
-    give a graph without edges."""
-    if config.p >= n_rows:
-        raise InputError(f"the window skips the top --p {config.p} ranks, but each row has "
-                         f"only {n_rows} (one per row of the data): no graph edges are left",
-                         file=source, expected=f"--p < {n_rows}", got=str(config.p))
 
 
 def window_warning(n_rows: int, config: MiningConfig) -> str | None:
@@ -100,7 +90,7 @@ def make_negatives(emb: Embeddings, neighbours: Neighbours, clusters: clustering
     pos = positive_scores(emb.queries, emb.target_matrix)
     if neg.mode == "hnips":
         with stage_progress(progress, "negatives", 1):
-            return hnips(neighbours, pos, config.p, neg, rng)
+            return hnips(neighbours, emb.queries, emb.target_matrix, pos, config.p, neg, rng)
     return hnps(neighbours, clusters.members, emb.queries, emb.target_matrix, pos, config.p, neg,
                 rng, progress)
 
@@ -136,7 +126,7 @@ def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
 
 def mine(
     embeddings: Embeddings | EmbeddingSource | str | Path,
-    config: MiningConfig | None = None,
+    config: MiningConfig | dict[str, Any] | None = None,
     out: str | Path = "plans",
     *,
     progress: ProgressCallback | None = None,
@@ -145,9 +135,11 @@ def mine(
     """Mine a batch plan and write it atomically under ``out/<plan_id>``.
 
     The plan id is a content hash of the embeddings and the config: mining the same inputs again
-    returns the existing plan without recomputing it.
+    returns the existing plan without recomputing it. ``config`` may be a dict of its fields.
+    The output directory is checked first, before any mining.
     """
-    config = config or MiningConfig()
+    config = MiningConfig.of(config)
+    out = check_output_dir(out)
     timings: dict[str, float] = {}
     with _timed(timings, "load"), stage_progress(progress, "load", 1):
         raw = embeddings if isinstance(embeddings, Embeddings) else load_embeddings(embeddings)

@@ -16,13 +16,15 @@ from __future__ import annotations
 import numpy as np
 
 from b3mine.config import NegativesConfig
-from b3mine.neighbours import Neighbours
+from b3mine.neighbours import Neighbours, at_most, max_norm, pair_scores, score_error
 from b3mine.progress import ProgressCallback, stage_progress
 
 
 def positive_scores(queries: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """Teacher score of each row's own target (its positive)."""
-    return np.einsum("ij,ij->i", queries, targets, dtype=np.float32)
+    """Teacher score of each row's own target (its positive), float64 and bit-identical on
+    every engine (`pair_scores`): the filter compares against it."""
+    rows = np.arange(queries.shape[0])
+    return pair_scores(queries, targets, rows, rows)
 
 
 def _sample_rows(keys: np.ndarray, candidates: np.ndarray, k: int) -> np.ndarray:
@@ -53,6 +55,8 @@ def _gumbel_keys(weights: np.ndarray, eligible: np.ndarray, rng: np.random.Gener
 
 def hnips(
     neighbours: Neighbours,
+    queries: np.ndarray,
+    targets: np.ndarray,
     pos: np.ndarray,
     p: int,
     config: NegativesConfig,
@@ -61,9 +65,13 @@ def hnips(
     """(N, K_neg) rows: uniform draws from each example's own ranks [p, p+depth)."""
     cand = neighbours.rows[:, p : p + config.depth]
     scores = neighbours.scores[:, p : p + config.depth]
-    eligible = (cand >= 0) & (cand != np.arange(len(cand))[:, None])
+    rows = np.arange(len(cand))
+    eligible = (cand >= 0) & (cand != rows[:, None])
     if config.positive_filter is not None:
-        eligible &= scores <= config.positive_filter * pos[:, None]
+        # searched scores are within score_error of exact: decide near-threshold pairs exactly
+        error = score_error(queries, max_norm(targets))
+        bound = np.broadcast_to(config.positive_filter * pos[:, None], cand.shape)
+        eligible &= at_most(scores, bound, error, queries, targets, rows, cand)
     keys = _gumbel_keys(np.ones(cand.shape), eligible, rng)
     return _sample_rows(keys, cand, config.k)
 
@@ -82,6 +90,7 @@ def hnps(
     """(N, K_neg) rows for every member of ``members`` (C, K); rows in no cluster get -1."""
     out = np.full((queries.shape[0], config.k), -1, np.int64)
     depth = p + config.depth
+    norm = max_norm(targets) if config.positive_filter is not None else 0.0
     with stage_progress(progress, "negatives", len(members)) as advance:
         for cluster in members:
             cluster = np.unique(cluster)  # padded repeats share their original's negatives
@@ -98,8 +107,11 @@ def hnps(
             pool, weight = pool[keep], weight[keep]
             eligible = np.ones((len(cluster), len(pool)), bool)
             if config.positive_filter is not None and len(pool):
-                s = queries[cluster] @ targets[pool].T
-                eligible = s <= config.positive_filter * pos[cluster, None]
+                s = queries[cluster] @ targets[pool].T  # BLAS: exact only near the bound
+                bound = np.broadcast_to(config.positive_filter * pos[cluster, None], s.shape)
+                cand = np.broadcast_to(pool, s.shape)
+                eligible = at_most(s, bound, score_error(queries[cluster], norm), queries,
+                                   targets, cluster, cand)
             keys = _gumbel_keys(np.broadcast_to(weight, eligible.shape).copy(), eligible, rng)
             cand = np.broadcast_to(pool, eligible.shape)
             out[cluster] = _sample_rows(keys, cand, config.k)

@@ -39,19 +39,52 @@ from pydantic import BaseModel, ConfigDict
 
 from b3mine.config import MiningConfig
 from b3mine.errors import PlanError
+from b3mine.writers import LOCK_SUFFIX, remove_orphans, writer_lock
 
 FORMAT_VERSION = 1
+# Bumped whenever the same inputs and config can give a different plan (an algorithm change):
+# 2 = canonical neighbour order (b3mine.neighbours.canonical_order).
+RESULT_VERSION = 2
+# The distributions whose version can change a plan, per setting that uses them. numpy draws
+# every random choice (its Generator streams may change between releases).
+RESULT_LIBRARIES: dict[str, tuple[str, ...]] = {
+    "metis": ("pymetis",),
+    "louvain": ("networkx", "python-louvain"),
+    "igraph-louvain": ("igraph",),
+    "leiden": ("igraph", "leidenalg"),
+    "ivf": ("faiss-cpu", "faiss-gpu"),  # approximate indexes: their candidates are FAISS's
+    "hnsw": ("faiss-cpu", "faiss-gpu"),
+}
 MANIFEST = "manifest.json"
 CLUSTERS = "clusters.parquet"
 BATCHES = "batches.parquet"
 NEGATIVES = "negatives.parquet"
 
 
+def result_versions(config: MiningConfig) -> dict[str, str]:
+    """Versions of what can change this config's plan: the result version, numpy (major.minor)
+    and the clustering/index libraries the config uses. Exact indexes are left out: their
+    canonical order does not depend on the library that searched."""
+    from importlib import metadata
+
+    out = {"b3mine-result": str(RESULT_VERSION),
+           "numpy": ".".join(np.__version__.split(".")[:2])}
+    for name in (RESULT_LIBRARIES.get(config.algorithm, ())
+                 + RESULT_LIBRARIES.get(config.neighbours.index, ())):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
 def plan_id_for(dataset_fingerprint: str, config: MiningConfig) -> str:
-    """Content hash of the inputs and the config: the same data and config name the same plan."""
+    """Content hash of the inputs, the config and `result_versions`: the same id always names
+    the same plan (same data, config and result-relevant libraries)."""
     h = hashlib.sha256()
     h.update(f"b3mine-plan-v{FORMAT_VERSION}\0{dataset_fingerprint}\0".encode())
-    h.update(config.canonical_json().encode())
+    h.update(config.result_json().encode())
+    h.update(json.dumps(result_versions(config), sort_keys=True).encode())
     return h.hexdigest()[:20]
 
 
@@ -115,6 +148,27 @@ class PlanTables:
     extra_files: dict[str, bytes] = field(default_factory=dict)
 
 
+def check_output_dir(root: str | Path) -> Path:
+    """Create ``root`` if needed and prove it takes a plan (a probe directory is made and
+    removed), so an unwritable or clashing output fails in one line before any mining."""
+    root = Path(root)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".probe-{uuid.uuid4().hex[:8]}"
+        probe.mkdir()
+        probe.rmdir()
+    except FileExistsError as exc:
+        raise PlanError(f"output directory {root}: a file is in the way ({exc.filename})") \
+            from exc
+    except NotADirectoryError as exc:
+        raise PlanError(f"output directory {root}: a parent is a file, not a directory") \
+            from exc
+    except OSError as exc:
+        raise PlanError(f"output directory {root} is not writable: {exc.strerror or exc}") \
+            from exc
+    return root
+
+
 def _ids_array(ids: np.ndarray) -> pa.Array:
     if ids.dtype.kind in "iu":
         return pa.array(ids.astype(np.int64, copy=False))
@@ -154,7 +208,7 @@ def _write_tables(tmp: Path, tables: PlanTables) -> None:
                 "padded": pa.array(tables.cluster_padded.reshape(-1)),
             }
         ),
-        tmp / CLUSTERS,
+        tmp / CLUSTERS, write_page_checksum=True,
     )
     epochs, n_batches, batch_size = tables.batches.shape
     per_epoch = n_batches * batch_size
@@ -176,7 +230,7 @@ def _write_tables(tmp: Path, tables: PlanTables) -> None:
             )
             if writer is None:
                 schema = table.schema
-                writer = pq.ParquetWriter(tmp / BATCHES, schema)
+                writer = pq.ParquetWriter(tmp / BATCHES, schema, write_page_checksum=True)
             # One row group per epoch: readers fetch an epoch without touching the others.
             writer.write_table(table, row_group_size=max(per_epoch, 1))
         if writer is None:  # zero batches: still write a valid, empty table
@@ -185,7 +239,7 @@ def _write_tables(tmp: Path, tables: PlanTables) -> None:
                           "position": pa.array([], pa.int32()), "row": pa.array([], pa.int64()),
                           "id": _ids_array(ids[:0]), "cluster": pa.array([], pa.int32()),
                           "padded": pa.array([], pa.bool_())}),
-                tmp / BATCHES,
+                tmp / BATCHES, write_page_checksum=True,
             )
     finally:
         if writer is not None:
@@ -207,7 +261,7 @@ def _write_tables(tmp: Path, tables: PlanTables) -> None:
                     "negative_ids": pa.ListArray.from_arrays(offsets, _ids_array(ids[flat])),
                 }
             ),
-            tmp / NEGATIVES,
+            tmp / NEGATIVES, write_page_checksum=True,
         )
     for name, data in tables.extra_files.items():
         (tmp / name).write_bytes(data)
@@ -226,42 +280,49 @@ def write_plan(
     """Write a plan under ``root/<plan_id>`` atomically (temp dir + rename) and return it.
 
     If the plan already exists (same data and config) the existing one is returned untouched.
-    A crash at any point leaves at most a hidden ``.tmp-*`` directory, never a half plan.
+    A crash at any point leaves at most a hidden ``.tmp-*`` directory, never a half plan; the
+    next write under ``root`` removes it (``b3mine.writers``: only when its writer is dead).
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
+    remove_orphans(root, ".tmp-")  # what killed writers left (never a live writer's)
     plan_id = plan_id or plan_id_for(dataset.fingerprint, config)
     final = root / plan_id
     if (final / MANIFEST).exists():
         return BatchPlan.open(final)
     tmp = root / f".tmp-{plan_id}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        _write_tables(tmp, tables)
-        files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-        manifest = PlanManifest(
-            plan_id=plan_id,
-            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            config=config,
-            dataset=dataset,
-            counts=counts,
-            stats=stats or {},
-            versions=library_versions(),
-            files=files,
-        )
-        _atomic_write_text(tmp / MANIFEST, manifest.model_dump_json(indent=2))
-        _fsync_dir(tmp)
+    with writer_lock(tmp.with_name(tmp.name + LOCK_SUFFIX)):
+        tmp.mkdir()
         try:
-            os.rename(tmp, final)
-        except OSError:
-            if (final / MANIFEST).exists():  # a concurrent writer won the race: same content
-                shutil.rmtree(tmp, ignore_errors=True)
-            else:
-                raise
-        _fsync_dir(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            _write_tables(tmp, tables)
+            files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+            manifest = PlanManifest(
+                plan_id=plan_id,
+                created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                config=config,
+                dataset=dataset,
+                counts=counts,
+                stats=stats or {},
+                versions=library_versions(),
+                files=files,
+            )
+            _atomic_write_text(tmp / MANIFEST, manifest.model_dump_json(indent=2))
+            # what a reader will do, before anyone can see it: a plan that cannot be opened
+            # and validated (a manifest that does not round-trip, a broken table) is never
+            # published
+            BatchPlan.open(tmp).validate(check_hashes=False)
+            _fsync_dir(tmp)
+            try:
+                os.rename(tmp, final)
+            except OSError:
+                if (final / MANIFEST).exists():  # a concurrent writer won the race: same content
+                    shutil.rmtree(tmp, ignore_errors=True)
+                else:
+                    raise
+            _fsync_dir(root)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return BatchPlan.open(final)
 
 
@@ -356,7 +417,8 @@ class BatchPlan(PlanShape):
     # -- reading -----------------------------------------------------------------------------
     @cached_property
     def _batches_file(self) -> pq.ParquetFile:
-        return pq.ParquetFile(self.path / BATCHES, memory_map=True)
+        return pq.ParquetFile(self.path / BATCHES, memory_map=True,
+                              page_checksum_verification=True)
 
     def _check_epoch(self, epoch: int) -> None:
         if not 0 <= epoch < self.epochs:
@@ -385,13 +447,15 @@ class BatchPlan(PlanShape):
         return rows.reshape(self.batches_per_epoch, self.batch_size)
 
     def clusters_table(self) -> pa.Table:
-        return pq.read_table(self.path / CLUSTERS, memory_map=True)
+        return pq.read_table(self.path / CLUSTERS, memory_map=True,
+                             page_checksum_verification=True)
 
     @cached_property
     def _negatives(self) -> pa.Table | None:
         if not self.has_negatives:
             return None
-        return pq.read_table(self.path / NEGATIVES, memory_map=True)
+        return pq.read_table(self.path / NEGATIVES, memory_map=True,
+                             page_checksum_verification=True)
 
     def negatives_table(self) -> pa.Table | None:
         return self._negatives

@@ -12,6 +12,9 @@ from typing import Any
 
 import numpy as np
 
+from b3mine.negatives import positive_scores
+from b3mine.neighbours import at_most, max_norm, pair_scores, score_error
+
 PERCENTILES = (50, 90, 99)
 
 
@@ -25,21 +28,37 @@ def batch_similarity(
     rng: np.random.Generator,
     keep_per_batch: int = 2000,
 ) -> dict[str, Any]:
-    """Statistics of score(q_i, t_j), i != j, over (a sample of) ``batches`` (nb, B)."""
+    """Statistics of score(q_i, t_j), i != j, over (a sample of) ``batches`` (nb, B).
+
+    Every figure is the same on every engine (a plan's report is one of its files): the mean
+    comes from row sums (sum_ij q_i.t_j = (sum q).(sum t)), the share above the positive is
+    decided exactly near the bound (duplicates tie with it), and the sampled values are
+    rescored with `pair_scores`. ``pos`` is float64 from `pair_scores`.
+    """
     if len(batches) > max_batches:
         batches = batches[np.sort(rng.choice(len(batches), max_batches, replace=False))]
     total = above = 0
     acc = 0.0
     sample = []
+    norm = max_norm(targets) if len(batches) else 0.0
     for rows in batches:
         s = queries[rows] @ targets[rows].T
-        off = rows[:, None] != rows[None, :]  # also skips repeats of one example (padding)
-        vals = s[off]
-        total += vals.size
-        acc += float(vals.sum(dtype=np.float64))
-        above += int((s > pos[rows, None])[off].sum())
-        take = min(keep_per_batch, vals.size)
-        sample.append(rng.choice(vals, take, replace=False) if take < vals.size else vals)
+        same = rows[:, None] == rows[None, :]  # also skips repeats of one example (padding)
+        off = ~same
+        total += int(off.sum())
+        q_sum = np.asarray(queries[rows], np.float64).sum(axis=0)
+        t_sum = np.asarray(targets[rows], np.float64).sum(axis=0)
+        acc += float((q_sum * t_sum).sum()) - float((same * pos[rows, None]).sum())
+        bound = np.broadcast_to(pos[rows, None], s.shape)
+        cand = np.broadcast_to(rows, s.shape)
+        below = at_most(s, bound, score_error(queries[rows], norm), queries, targets, rows, cand)
+        above += int((~below & off).sum())
+        qi, tj = np.nonzero(off)
+        take = min(keep_per_batch, len(qi))
+        pick = np.sort(rng.choice(len(qi), take, replace=False)) if take < len(qi) \
+            else np.arange(len(qi))
+        sample.append(pair_scores(queries, targets, rows[qi[pick]], rows[tj[pick]])
+                      .astype(np.float32))
     values = np.concatenate(sample) if sample else np.zeros(0, np.float32)
     stats = {
         "batches_measured": int(len(batches)),
@@ -70,7 +89,7 @@ def quality_report(
 ) -> dict[str, Any]:
     """Hardness of ``plan_batches`` (nb, B) against random batches, plus community sizes."""
     rng = np.random.default_rng([seed, 0x4E9])
-    pos = np.einsum("ij,ij->i", queries, targets)
+    pos = positive_scores(queries, targets)
     nb, batch_size = plan_batches.shape
     plan = batch_similarity(queries, targets, plan_batches, pos, max_batches=max_batches, rng=rng)
     rand = batch_similarity(

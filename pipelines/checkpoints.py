@@ -61,7 +61,7 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 
 def write_parquet(path: Path, table: pa.Table, **kwargs: Any) -> None:
     with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, **kwargs)
+        pq.write_table(table, tmp, **{"write_page_checksum": True, **kwargs})
 
 
 class WorkDir:

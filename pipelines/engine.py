@@ -35,11 +35,11 @@ import numpy as np
 from distributed import Client, Future, as_completed
 
 from b3mine.config import EmbeddingSource, MiningConfig
-from b3mine.embeddings import Embeddings, check_minimum_rows
+from b3mine.embeddings import Embeddings
 from b3mine.errors import B3MineError
-from b3mine.mining import check_window
-from b3mine.plan import MANIFEST, BatchPlan, plan_id_for
+from b3mine.plan import MANIFEST, BatchPlan, check_output_dir, plan_id_for
 from b3mine.progress import ProgressCallback
+from b3mine.writers import LOCK_SUFFIX, remove_orphans, writer_lock
 
 from pipelines import stages
 from pipelines.checkpoints import PIPELINE_STAGES, ProgressFile, WorkDir, write_json
@@ -55,9 +55,10 @@ class StageError(B3MineError):
 
     def __init__(self, stage: str, job_id: str, work: Path, cause: BaseException) -> None:
         self.stage, self.job_id, self.work, self.cause = stage, job_id, work, cause
-        super().__init__(
-            f"stage {stage!r} failed: {type(cause).__name__}: {cause} "
-            f"(job {job_id}; checkpoints kept in {work}; run the same job again to resume)")
+        kept = ("nothing to resume: a failed load is removed" if stage == "load" else
+                f"checkpoints kept in {work}; run the same job again to resume")
+        super().__init__(f"stage {stage!r} failed: {type(cause).__name__}: {cause} "
+                         f"(job {job_id}; {kept})")
 
 
 @dataclass
@@ -147,9 +148,9 @@ def run_job(
     keep_work: keep the work directory after the plan is written (default: remove it).
     retries: extra attempts of a task that raised (worker deaths are retried by Dask anyway).
     """
-    config = config or MiningConfig()
+    config = MiningConfig.of(config)
     src = _as_source(source)
-    out = Path(out)
+    out = check_output_dir(out)
     job_id = job_id_for(src, config)
     record = out / ".work" / f"{job_id}.json"
     cached = _cached_plan(out, record)
@@ -160,16 +161,25 @@ def run_job(
         raise ValueError("target_shards > 1 needs the exact flat index (IVF/HNSW indexes are "
                          "built once over the whole corpus)")
     work = WorkDir(out / ".work" / job_id)
-    work.root.mkdir(parents=True, exist_ok=True)
-    work.clean_tmp()
-    job = _Job(work=work, job_id=job_id, config=config, out=out, callback=progress,
-               retries=retries, fail_stage=os.environ.get(FAIL_ENV) or None,
-               delay=float(os.environ.get(DELAY_ENV) or 0.0))
-    with connect(client=client, scheduler=scheduler, workers=workers,
-                 threads_per_worker=threads_per_worker) as dask:
-        job.client = dask
-        result = job.run(src, shard_rows=shard_rows, blocks_per_task=blocks_per_task,
-                         target_shards=target_shards, report=report)
+    work.root.parent.mkdir(parents=True, exist_ok=True)
+    # work directories of dead jobs that never finished loading: nothing there to resume
+    remove_orphans(work.root.parent, "", keep=lambda d: WorkDir(d).is_done("load"))
+    with writer_lock(work.root.with_name(job_id + LOCK_SUFFIX)):
+        work.root.mkdir(parents=True, exist_ok=True)
+        work.clean_tmp()
+        job = _Job(work=work, job_id=job_id, config=config, out=out, callback=progress,
+                   retries=retries, fail_stage=os.environ.get(FAIL_ENV) or None,
+                   delay=float(os.environ.get(DELAY_ENV) or 0.0))
+        try:
+            with connect(client=client, scheduler=scheduler, workers=workers,
+                         threads_per_worker=threads_per_worker) as dask:
+                job.client = dask
+                result = job.run(src, shard_rows=shard_rows, blocks_per_task=blocks_per_task,
+                                 target_shards=target_shards, report=report)
+        except BaseException:
+            if not work.is_done("load"):  # a failed load leaves only sparse, unusable files
+                work.remove()
+            raise
     write_json(record, {"job_id": job_id, "state": "done", "stage": "write", "fraction": 1.0,
                         "plan_id": result.plan.plan_id, "plan": str(result.plan.path),
                         "stages": result.stages, "timings": result.timings,
@@ -307,11 +317,8 @@ class _Job:
 
     def _load(self, source: EmbeddingSource, shard_rows: int) -> dict[str, Any]:
         plan = stages.plan_source(source, shard_rows)
-        # the core's "one full batch" check, before any vector is read
-        check_minimum_rows(Embeddings(ids=np.zeros(0), queries=np.empty((plan.n_rows, 0),
-                                                                         np.float32),
-                                      source=plan.label), self.config.batch_size)
-        check_window(plan.n_rows, self.config, plan.label)
+        # the core's checks (one full batch, a window that fits), before any vector is read
+        self.config.check_fits(plan.n_rows, plan.label)
         stages.allocate_vectors(self.work, plan, self.config.normalize)
         total = len(plan.shards) + 1
         futures = [self.submit(stages.load_shard, self.root, plan, a, b, self.config.normalize)
@@ -348,7 +355,7 @@ class _Job:
                 shards = [self.submit(stages.search_corpus_shard, self.root, config, a, b, k,
                                       int(ts), int(te))
                           for ts, te in zip(edges[:-1], edges[1:]) if te > ts]
-                futures.append(self.submit(stages.merge_block, self.root, name, k, *shards))
+                futures.append(self.submit(stages.merge_block, self.root, name, a, b, k, *shards))
         self.gather("neighbours", futures, done=done, total=len(parts))
         assert self.client is not None
         try:

@@ -26,6 +26,8 @@ from b3mine.batches import Batches
 from b3mine.config import EmbeddingSource, MiningConfig
 from b3mine.embeddings import (
     Embeddings,
+    load_npy,
+    read_checked,
     open_parquet,
     parquet_files,
     read_ids_file,
@@ -40,7 +42,15 @@ from b3mine.mining import (
     make_clusters,
     make_negatives,
 )
-from b3mine.neighbours import Neighbours, build_index, resolve_device, search_index, torch_search
+from b3mine.neighbours import (
+    Neighbours,
+    build_index,
+    max_norm,
+    merge_ranked,
+    resolve_device,
+    search_index,
+    torch_search,
+)
 
 from pipelines.checkpoints import WorkDir, atomic_path, write_parquet
 
@@ -100,8 +110,8 @@ class ParquetRows:
                 offset = hi
                 if hi <= start or lo >= stop:
                     continue
-                pf = pf or pq.ParquetFile(f, memory_map=True)
-                t = pf.read_row_group(g, columns=columns)
+                pf = pf or pq.ParquetFile(f, memory_map=True, page_checksum_verification=True)
+                t = read_checked(f, lambda: pf.read_row_group(g, columns=columns))
                 a, b = max(start, lo) - lo, min(stop, hi) - lo
                 pieces.append(t.slice(a, b - a))
         return pa.concat_tables(pieces) if len(pieces) > 1 else pieces[0]
@@ -136,7 +146,7 @@ def plan_source(source: EmbeddingSource, shard_rows: int) -> SourcePlan:
     if path.suffix == ".npy":
         if source.ids_path is None:
             raise InputError(".npy embeddings need an aligned id file (ids_path)", file=str(path))
-        q = np.load(path, mmap_mode="r")
+        q = load_npy(path)
         n, dim = (q.shape[0], q.shape[1]) if q.ndim == 2 else (q.shape[0], 0)
         edges = list(range(0, n, shard_rows)) + [n]
     else:
@@ -164,8 +174,8 @@ def _read_shard(plan: SourcePlan, start: int, stop: int
     src = plan.source
     path = Path(src.path)
     if path.suffix == ".npy":
-        q = np.asarray(np.load(path, mmap_mode="r")[start:stop])
-        t = np.asarray(np.load(src.target_path, mmap_mode="r")[start:stop]) \
+        q = np.asarray(load_npy(path)[start:stop])
+        t = np.asarray(load_npy(Path(src.target_path))[start:stop]) \
             if src.target_path else None
         return None, q, t
     rows = ParquetRows.open(path, _source_columns(src))
@@ -315,6 +325,7 @@ class _WorkerCache:
 
 
 INDEX_CACHE = _WorkerCache()
+NORM_CACHE = _WorkerCache(size=4)  # largest target norm per target file (a float each)
 
 
 def release_indexes() -> int:
@@ -379,16 +390,26 @@ def part_path(work: WorkDir, part: str) -> Path:
     return work.path("neighbours") / f"{part}.parquet"
 
 
+def _target_norm(work: WorkDir) -> float:
+    """Largest target norm (the canonical order's error bound), once per worker and job."""
+    path = _target_matrix_path(work)
+    return NORM_CACHE.get((str(path), path.stat().st_mtime_ns),
+                           lambda: max_norm(np.load(path, mmap_mode="r")))
+
+
 def _search(work: WorkDir, config: MiningConfig, start: int, stop: int, k: int,
             target_range: tuple[int, int] | None = None) -> Neighbours:
     queries = np.load(work.path(QUERIES), mmap_mode="r")[start:stop]
+    a, b = target_range or (0, None)
+    targets = np.load(_target_matrix_path(work), mmap_mode="r")[a:b]
+    norm = _target_norm(work)  # of all targets: one bound for every shard, as in-process
+    nb = config.neighbours
     if _uses_torch(config):
-        targets = np.load(_target_matrix_path(work), mmap_mode="r")
-        nb = config.neighbours
-        return torch_search(queries, targets, k, nb.block_size, resolve_device(nb.device))
+        return torch_search(queries, targets, k, nb.block_size, resolve_device(nb.device),
+                            target_norm=norm)
     index = _worker_index(work, config, target_range)
-    # Blocks of the config's block_size, as in-process: identical inputs to every FAISS call.
-    return search_index(index, queries, k, config.neighbours.block_size)
+    # Blocks of the config's block_size, as in-process; the order is canonical either way.
+    return search_index(index, queries, k, nb.block_size, targets=targets, target_norm=norm)
 
 
 def search_block(work_root: str, config: MiningConfig, part: str, start: int, stop: int,
@@ -416,29 +437,20 @@ def search_corpus_shard(work_root: str, config: MiningConfig, start: int, stop: 
     return Neighbours(rows=rows, scores=found.scores)
 
 
-def merge_topk(parts: list[Neighbours], k: int) -> Neighbours:
-    """Exact merge of per-corpus-shard top-k lists: score descending, then row ascending.
-
-    Missing results (row -1) sort last. With distinct scores this equals one search over the
-    whole corpus; ties are broken by row id (FAISS's own tie order is not specified).
-    """
-    rows = np.concatenate([p.rows for p in parts], axis=1)
-    scores = np.concatenate([p.scores for p in parts], axis=1)
-    key = np.where(rows >= 0, -scores.astype(np.float64), np.inf)
-    order = np.lexsort((rows, key), axis=1)[:, :k]
-    out_rows = np.take_along_axis(rows, order, axis=1)
-    out_scores = np.take_along_axis(scores, order, axis=1)
-    if out_rows.shape[1] < k:  # fewer targets than k in total
-        pad = k - out_rows.shape[1]
-        out_rows = np.pad(out_rows, ((0, 0), (0, pad)), constant_values=-1)
-        out_scores = np.pad(out_scores, ((0, 0), (0, pad)), constant_values=-np.inf)
-    return Neighbours(rows=out_rows, scores=out_scores.astype(np.float32))
+def merge_topk(work: WorkDir, start: int, stop: int, parts: list[Neighbours], k: int
+               ) -> Neighbours:
+    """Exact merge of per-corpus-shard top-k lists of queries [start, stop) into the canonical
+    top-k of the whole corpus (``b3mine.neighbours.merge_ranked``): what one search gives."""
+    queries = np.load(work.path(QUERIES), mmap_mode="r")
+    targets = np.load(_target_matrix_path(work), mmap_mode="r")
+    return merge_ranked(queries, targets, np.arange(start, stop), parts, k, _target_norm(work))
 
 
-def merge_block(work_root: str, part: str, k: int, *parts: Neighbours) -> int:
+def merge_block(work_root: str, part: str, start: int, stop: int, k: int,
+                *parts: Neighbours) -> int:
     """Merge one query block's corpus-shard results and write its part file."""
     work = WorkDir(work_root)
-    merged = merge_topk(list(parts), k)
+    merged = merge_topk(work, start, stop, list(parts), k)
     write_neighbours_part(work, part, merged, n_targets=_n_targets(work))
     return merged.rows.shape[0]
 

@@ -10,6 +10,7 @@ from starlette.concurrency import run_in_threadpool
 from service.context import Context
 from service.datasets import dataset_key, normalise_source, source_fingerprint
 from service.errors import ApiError, error_responses
+from service.limits import check_plan_size
 from service.models import JobList, JobRequest, JobStatus
 
 MAX_INT = 2**31 - 1
@@ -28,7 +29,7 @@ def router(ctx: Context) -> APIRouter:
             dependencies=[Depends(ctx.require_write)],
             responses={200: {"model": JobStatus, "description": "the same request already "
                              "succeeded: the existing job, with its plan id"},
-                       **error_responses(400, 401, 403, 422)})
+                       **error_responses(400, 401, 403, 413, 422, 503)})
     def submit(body: JobRequest, response: Response) -> JobStatus:
         """Queue a mining job (202, ``Location: /v1/jobs/{id}``).
 
@@ -38,6 +39,7 @@ def router(ctx: Context) -> APIRouter:
         """
         settings = ctx.settings
         source = normalise_source(body.dataset, settings)
+        check_plan_size(source, body.config, settings)
         key = dataset_key(source)
         job_id = job_id_for(key, source_fingerprint(source, settings), body.config.digest())
         job, outcome = ctx.registry.submit(job_id, key, body.config.canonical_json(),
@@ -49,7 +51,7 @@ def router(ctx: Context) -> APIRouter:
             response.status_code = status.HTTP_200_OK
         return JobStatus.of(job)
 
-    @r.get("", response_model=JobList, dependencies=[Depends(ctx.require_read)],
+    @r.get("", response_model=JobList, dependencies=[Depends(ctx.require_job_read)],
            responses=error_responses(401, 403, 422))
     async def list_jobs(
         state: Literal["queued", "running", "succeeded", "failed", "cancelled"] | None = None,
@@ -59,7 +61,7 @@ def router(ctx: Context) -> APIRouter:
         jobs = await run_in_threadpool(ctx.registry.list, state, limit, offset)
         return JobList(jobs=[JobStatus.of(j) for j in jobs])
 
-    @r.get("/{job_id}", response_model=JobStatus, dependencies=[Depends(ctx.require_read)],
+    @r.get("/{job_id}", response_model=JobStatus, dependencies=[Depends(ctx.require_job_read)],
            responses=error_responses(401, 403, 404, 422))
     def get_job(job_id: str = Path(max_length=128)) -> JobStatus:
         """A job's state: queued; running (with stage and progress); succeeded (with the plan

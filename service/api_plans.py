@@ -16,7 +16,7 @@ from b3mine.plan import BatchPlan
 from service.context import Context
 from service.errors import ApiError, error_responses
 from service.models import BatchPage, PlanDetail, PlanList, PlanSummary, RankBatch
-from service.plans import (ARROW_STREAM, EpochView, dumps, etag, etag_matches,
+from service.plans import (ARROW_STREAM, PAGE_GROUP, EpochView, dumps, etag, etag_matches,
                            json_page_chunks)
 from b3mine.sharding import ShardError, rank_slice
 
@@ -141,8 +141,11 @@ def router(ctx: Context) -> APIRouter:
             nxt = f"/v1/plans/{plan_id}/epochs/{epoch}/batches?{urlencode(query)}"
         head = {"plan_id": plan.plan_id, "epoch": epoch, "start": start, "limit": size,
                 "total": total}
-        return StreamingResponse(json_page_chunks(head, view, start, count, {"next": nxt}),
-                                 media_type="application/json", headers=headers)
+        chunks = json_page_chunks(head, view, start, count, {"next": nxt})
+        if count <= PAGE_GROUP:  # small pages: one body, one thread hop
+            body = await run_in_threadpool(lambda: b"".join(chunks))
+            return Response(body, media_type="application/json", headers=headers)
+        return StreamingResponse(chunks, media_type="application/json", headers=headers)
 
     @r.get("/{plan_id}/epochs/{epoch}/batches/{batch}", response_model=RankBatch,
            responses={200: {"content": ARROW_DOC, "description": "the batch (or this rank's "

@@ -8,6 +8,7 @@ from ``B3MINE_*`` environment variables.
 from __future__ import annotations
 
 import logging
+import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -19,12 +20,15 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from b3mine.errors import B3MineError, InputError, PlanError
+from b3mine.writers import remove_orphans
 
 from service import api_jobs, api_plans
 from service.auth import make_guards
 from service.context import Context
+from service.datasets import relative_paths
 from service.errors import ApiError, ErrorResponse
 from service.jobs import JobRegistry
+from service.limits import BodyLimitMiddleware
 from service.metrics import Metrics, MetricsMiddleware
 from service.plans import PlanStore
 from service.runner import JobRunner, ProgressHook
@@ -70,10 +74,16 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _error(exc.status_code, str(exc.detail), None, getattr(exc, "headers", None))
 
     @app.exception_handler(B3MineError)
-    async def library_error(_: Request, exc: B3MineError) -> JSONResponse:
+    async def library_error(request: Request, exc: B3MineError) -> JSONResponse:
         status = 404 if isinstance(exc, PlanError) else 400
         field = getattr(exc, "column", None) if isinstance(exc, InputError) else None
-        return _error(status, str(exc), field)
+        return _error(status, relative_paths(str(exc), request.app.state.ctx.settings), field)
+
+    @app.exception_handler(sqlite3.Error)
+    async def registry_error(_: Request, exc: sqlite3.Error) -> JSONResponse:
+        log.warning("job registry error: %s", exc)
+        return _error(503, f"job registry unavailable ({exc}); retry later", None,
+                      {"Retry-After": "5"})
 
     @app.exception_handler(Exception)
     async def unexpected(_: Request, exc: Exception) -> JSONResponse:
@@ -97,11 +107,13 @@ def create_app(settings: Settings | None = None, *,
     metrics = Metrics(registry.counts, lambda: {
         "batch": (store.batches.hits, store.batches.misses)})
     runner = JobRunner(registry, settings, metrics, hook=progress_hook)
-    require_write, require_read = make_guards(settings)
-    ctx = Context(settings, registry, runner, store, metrics, require_write, require_read)
+    require_write, require_read, require_job_read = make_guards(settings)
+    ctx = Context(settings, registry, runner, store, metrics, require_write, require_read,
+                  require_job_read)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        remove_orphans(settings.plans, ".tmp-")  # plans half-written by killed writers
         failed, queued = await run_in_threadpool(runner.start)
         log.info("job registry %s: %d interrupted jobs marked failed, %d queued resumed",
                  settings.db, len(failed), len(queued))
@@ -116,6 +128,7 @@ def create_app(settings: Settings | None = None, *,
     app.state.ctx = ctx
     _install_error_handlers(app)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
     app.include_router(api_jobs.router(ctx))
     app.include_router(api_plans.router(ctx))
 
@@ -126,9 +139,10 @@ def create_app(settings: Settings | None = None, *,
 
     @app.get("/readyz", tags=["ops"], responses={503: {"model": ErrorResponse}})
     def readyz() -> Response:
-        """Readiness: the job registry answers and the plans directory is readable."""
+        """Readiness: the job registry file on disk takes a write, and the plans directory is
+        readable."""
         try:
-            registry.ping()
+            registry.check_writable()
             settings.plans.stat()
         except Exception as exc:  # sqlite3.Error, OSError: not ready, say why
             return _error(503, f"not ready: {exc}")

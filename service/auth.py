@@ -1,7 +1,9 @@
 """API keys in the ``X-API-Key`` header: 401 without one, 403 with a wrong one.
 
 Keys come from ``Settings.api_keys`` (``B3MINE_API_KEYS``). Writes always need a key — with no
-key configured, writes are refused — and reads need one when ``require_key_for_reads`` is set.
+key configured, writes are refused. Reads of jobs need one unless ``require_key_for_job_reads``
+is switched off (a job shows its dataset paths, config and errors); reads of plans need one
+when ``require_key_for_reads`` is set (plans are public by default).
 Every configured key is compared with ``hmac.compare_digest`` (no early exit), so the timing does
 not tell which key, or how much of one, matched.
 """
@@ -29,9 +31,11 @@ def key_ok(given: str, keys: list[bytes]) -> bool:
     return ok
 
 
-def make_guards(settings: Settings) -> tuple[Callable[..., Awaitable[None]],
-                                               Callable[..., Awaitable[None]]]:
-    """FastAPI dependencies ``(require_write, require_read)``."""
+Guard = Callable[..., Awaitable[None]]
+
+
+def make_guards(settings: Settings) -> tuple[Guard, Guard, Guard]:
+    """FastAPI dependencies ``(require_write, require_read, require_job_read)``."""
     keys = settings.key_values()
 
     def check(given: str | None) -> None:
@@ -53,4 +57,5 @@ def make_guards(settings: Settings) -> tuple[Callable[..., Awaitable[None]],
     async def open_read() -> None:
         """Reads are public: no security requirement, so the OpenAPI spec says so too."""
 
-    return require_write, (require_read if settings.require_key_for_reads else open_read)
+    return (require_write, require_read if settings.require_key_for_reads else open_read,
+            require_read if settings.require_key_for_job_reads else open_read)

@@ -19,4 +19,5 @@ class Context:
     store: PlanStore
     metrics: Metrics
     require_write: Callable[..., Awaitable[None]]
-    require_read: Callable[..., Awaitable[None]]
+    require_read: Callable[..., Awaitable[None]]  # plans
+    require_job_read: Callable[..., Awaitable[None]]

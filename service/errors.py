@@ -34,5 +34,7 @@ class ApiError(Exception):
 def error_responses(*codes: int) -> dict[int | str, dict]:
     text = {400: "bad request (field named)", 401: "no API key", 403: "wrong API key or path "
             "outside the data root", 404: "unknown resource", 409: "conflict with the job's "
-            "state", 406: "unsupported Accept", 422: "invalid body or parameters (field named)"}
+            "state", 406: "unsupported Accept", 413: "request body over max_body_bytes",
+            422: "invalid body or parameters, or a plan over the service's limits (field "
+            "named)", 503: "job registry unavailable: retry (Retry-After)"}
     return {c: {"model": ErrorResponse, "description": text.get(c, "error")} for c in codes}

@@ -11,6 +11,14 @@ States::
        '--DELETE--> cancelled
     failed/cancelled --resubmit--> queued
 
+Faults (see ``check_writable``): ``/readyz`` writes a heartbeat row, so a read-only or full
+database is reported, not discovered by the next job. The database file's identity (device,
+inode) is checked before every write: deleted under a running server, it is restored from the
+open connection (SQLite's backup API) instead of letting every job row vanish at the next
+restart; replaced by another file, writes stop with ``RegistryUnavailable``. The API answers
+registry failures with 503 (retry), and the runner retries its own writes, so no job is left
+``running`` because one write failed.
+
 Restart policy (see ``recover``): a row left ``running`` by a process that is gone is marked
 ``failed`` with the reason ``RESTART_REASON``; it is *not* resumed automatically, because a job
 that took the service down (out of memory, say) would otherwise take it down again at every
@@ -20,6 +28,7 @@ a previous life can never overwrite what recovery decided.
 """
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import sqlite3
@@ -30,6 +39,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
+
+log = logging.getLogger("b3mine.service")
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 STATES: tuple[JobState, ...] = ("queued", "running", "succeeded", "failed", "cancelled")
@@ -56,6 +67,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     finished_at      TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
+CREATE TABLE IF NOT EXISTS heartbeat (id INTEGER PRIMARY KEY, at TEXT NOT NULL);
 """
 
 
@@ -132,20 +144,68 @@ class Interrupted(Exception):
         self.reason = reason
 
 
+class RegistryUnavailable(sqlite3.OperationalError):
+    """The registry cannot be written safely (its file was replaced, say): answer 503."""
+
+
 class JobRegistry:
     """Thread-safe access to the jobs table. One connection, serialised by a lock (ops are
     sub-millisecond); WAL lets other processes (sibling workers) read while one writes."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, timeout: float = 30.0) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
+        self.timeout = timeout
         self._lock = threading.Lock()
-        self._conn = sqlite3.connect(path, timeout=30, isolation_level=None,
-                                     check_same_thread=False)
-        self._conn.row_factory = sqlite3.Row
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable at checkpoints
+        self._conn = self._open()
         self._conn.executescript(_SCHEMA)
+        self._identity = self._file_identity()
+
+    def _open(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None,
+                               check_same_thread=False)
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable at checkpoints
+        return conn
+
+    def _file_identity(self) -> tuple[int, int]:
+        st = os.stat(self.path)
+        return st.st_dev, st.st_ino
+
+    def _ensure_file(self) -> None:
+        """(lock held) The connection still writes the file at ``path``; a deleted file is
+        restored from the connection, a replaced one stops writes."""
+        try:
+            identity = self._file_identity()
+        except FileNotFoundError:
+            restored = sqlite3.connect(self.path, isolation_level=None)
+            try:
+                self._conn.backup(restored)
+            finally:
+                restored.close()
+            self._conn.close()
+            self._conn = self._open()
+            self._identity = self._file_identity()
+            log.warning("job registry %s was deleted under the running service: restored "
+                        "from the open connection", self.path)
+            return
+        if identity != self._identity:
+            raise RegistryUnavailable(f"the job registry file {self.path.name} was replaced "
+                                      "under the running service; restart it")
+
+    def check_writable(self) -> None:
+        """Raise (sqlite3.Error) unless a write to the registry file on disk succeeds."""
+        with self._lock:
+            self._ensure_file()
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                self._conn.execute("INSERT OR REPLACE INTO heartbeat (id, at) VALUES (1, ?)",
+                                   (_now(),))
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
 
     def close(self) -> None:
         with self._lock:
@@ -153,6 +213,7 @@ class JobRegistry:
 
     def _tx(self, fn: Callable[[sqlite3.Connection], object]) -> object:
         with self._lock:
+            self._ensure_file()
             self._conn.execute("BEGIN IMMEDIATE")
             try:
                 result = fn(self._conn)
@@ -218,6 +279,7 @@ class JobRegistry:
         """queued -> running for ``owner``; None if another worker took it or it was cancelled."""
         now = _now()
         with self._lock:
+            self._ensure_file()
             cur = self._conn.execute(
                 "UPDATE jobs SET state='running', owner=?, stage=NULL, progress=0, "
                 "attempts=attempts+1, started_at=?, updated_at=? WHERE id=? AND state='queued'",
@@ -230,6 +292,7 @@ class JobRegistry:
     def progress(self, job_id: str, owner: str, stage: str, fraction: float) -> None:
         """Record progress; raise Interrupted if the job was cancelled or is no longer ours."""
         with self._lock:
+            self._ensure_file()
             cur = self._conn.execute(
                 "UPDATE jobs SET stage=?, progress=?, updated_at=? "
                 "WHERE id=? AND owner=? AND state='running'",
@@ -241,10 +304,21 @@ class JobRegistry:
         if row and row[0]:
             raise Interrupted("cancelled")
 
+    def check(self, job_id: str, owner: str) -> None:
+        """Raise Interrupted if the job was cancelled or is no longer ``owner``'s (read only)."""
+        with self._lock:
+            row = self._conn.execute("SELECT owner, state, cancel_requested FROM jobs "
+                                     "WHERE id=?", (job_id,)).fetchone()
+        if row is None or row["owner"] != owner or row["state"] != "running":
+            raise Interrupted("lost")
+        if row["cancel_requested"]:
+            raise Interrupted("cancelled")
+
     def finish(self, job_id: str, owner: str, state: JobState, *, plan_id: str | None = None,
                error: str | None = None) -> bool:
         now = _now()
         with self._lock:
+            self._ensure_file()
             cur = self._conn.execute(
                 "UPDATE jobs SET state=?, plan_id=?, error=?, updated_at=?, finished_at=?, "
                 "progress=CASE WHEN ?='succeeded' THEN 1.0 ELSE progress END "

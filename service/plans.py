@@ -14,7 +14,6 @@ forever and shared between requests and processes:
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import threading
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import numpy as np
+import orjson
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
@@ -123,27 +123,33 @@ class EpochView:
         yield _EOS
 
 
-def _list_column(col: pa.ChunkedArray) -> list[list[int]]:
+def _list_column(col: pa.ChunkedArray) -> list[Any]:
+    """A list<int> column as one numpy array per row (serialised natively by orjson); a
+    list<string> one as Python lists."""
     arr = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
+    if not pa.types.is_integer(arr.type.value_type):
+        return arr.to_pylist()
     offsets = arr.offsets.to_numpy()
-    values = arr.values.to_numpy()
-    # Split the flat values once, in numpy, instead of converting element by element.
-    return [v.tolist() for v in np.split(values[offsets[0]:offsets[-1]],
-                                         offsets[1:-1] - offsets[0])]
+    values = arr.values.to_numpy()[offsets[0]:offsets[-1]]
+    widths = np.diff(offsets)
+    if len(widths) and (widths == widths[0]).all():  # the usual K per row: one 2-D array
+        return values.reshape(len(widths), int(widths[0]))  # type: ignore[return-value]
+    return np.split(values, offsets[1:-1] - offsets[0])
 
 
 def columns_to_dict(part: pa.Table, batch: int) -> dict[str, Any]:
+    """One batch as JSON-ready columns: numpy arrays where the encoder takes them whole."""
     ids = part.column("id")
     out: dict[str, Any] = {
         "batch": batch,
-        "rows": part.column("row").to_numpy().tolist(),
-        "ids": ids.to_numpy().tolist() if pa.types.is_integer(ids.type) else ids.to_pylist(),
-        "clusters": part.column("cluster").to_numpy().tolist(),
-        "padded": part.column("padded").to_numpy(zero_copy_only=False).tolist(),
+        "rows": part.column("row").to_numpy(),
+        "ids": ids.to_numpy() if pa.types.is_integer(ids.type) else ids.to_pylist(),
+        "clusters": part.column("cluster").to_numpy(),
+        "padded": part.column("padded").to_numpy(zero_copy_only=False),
     }
     if "negatives" in part.column_names:
         out["negatives"] = _list_column(part.column("negatives"))
-        out["negative_ids"] = part.column("negative_ids").to_pylist()
+        out["negative_ids"] = _list_column(part.column("negative_ids"))
     return out
 
 
@@ -232,15 +238,21 @@ class PlanStore:
 
 
 def dumps(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":")).encode()
+    """Compact JSON; numpy arrays are written by orjson directly (no per-element Python
+    objects: a 10-batch page with negatives went from ~0.9 s to milliseconds)."""
+    return orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+PAGE_GROUP = 16  # batches encoded per chunk of a streamed JSON page
 
 
 def json_page_chunks(head: dict[str, Any], view: EpochView, start: int, count: int,
                      tail: dict[str, Any]) -> Iterator[bytes]:
-    """A JSON page written batch by batch, so a large page never sits in memory whole."""
+    """A JSON page written a group of batches at a time, so a large page never sits in memory
+    whole, and a small one costs a few chunks (each chunk is a thread hop for the server)."""
     yield dumps(head)[:-1] + b',"batches":['
-    for i, k in enumerate(range(start, start + count)):
-        yield (b"," if i else b"") + dumps(view.batch_dict(k))
+    for first in range(start, start + count, PAGE_GROUP):
+        group = range(first, min(first + PAGE_GROUP, start + count))
+        yield (b"," if first > start else b"") + b",".join(dumps(view.batch_dict(k))
+                                                           for k in group)
     yield b"]," + dumps(tail)[1:]
-
-

@@ -2,8 +2,9 @@
 
 Jobs run in a small thread pool (``Settings.job_workers``). The engine is pluggable:
 
-* ``local`` — ``b3mine.cli.run_engine("local", ...)``, i.e. ``b3mine.mining.mine`` in the worker
-  thread (numpy/FAISS release the GIL for the heavy parts);
+* ``local`` — ``b3mine.cli.run_engine("local", ...)``, i.e. ``b3mine.mining.mine``, in a spawned
+  child process per job (``service.worker``): METIS and friends hold the GIL for seconds, and
+  serving latency must not depend on mining;
 * ``dask`` — the ``b3mine.engines`` entry point (``pipelines.engine:mine``), called the same way
   with ``Settings.engine_options`` (scheduler, workers); the thread only waits on the cluster.
 
@@ -15,6 +16,7 @@ at the engine's next progress report.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -23,12 +25,21 @@ from typing import Any
 
 from b3mine.config import EmbeddingSource, MiningConfig
 from b3mine.errors import B3MineError
+from b3mine.plan import BatchPlan
 from b3mine.progress import overall_fraction
 
-from service.datasets import PATH_FIELDS, absolute_source, is_url
+from service.datasets import (
+    PATH_FIELDS,
+    absolute_source,
+    check_source_under_root,
+    is_url,
+    relative_paths,
+)
+from service.errors import ApiError
 from service.jobs import Interrupted, JobRegistry, new_owner
 from service.metrics import Metrics
 from service.settings import Settings
+from service.worker import JobFailed, mine_in_child
 
 log = logging.getLogger("b3mine.service")
 
@@ -36,6 +47,7 @@ log = logging.getLogger("b3mine.service")
 #: is updated: instrumentation, and in tests a way to hold a job in ``running``.
 ProgressHook = Callable[[str, str, float], None]
 PROGRESS_INTERVAL_S = 0.25  # at most ~4 registry writes per second per job
+RETRY_MAX_S = 5.0  # longest wait between retries of a failed registry write
 
 
 class JobRunner:
@@ -71,22 +83,45 @@ class JobRunner:
             self._pool.submit(self._run, job_id)
 
     # -- one job -------------------------------------------------------------------------------
+    def _retry(self, what: str, fn: Callable[[], Any]) -> Any:
+        """Run a registry write until it succeeds (or the runner stops): a failed write
+        (read-only or locked database, full disk) is retried, never dropped."""
+        delay = 0.2
+        while True:
+            try:
+                return fn()
+            except sqlite3.Error as exc:
+                if self._stopping.is_set():
+                    raise Interrupted("shutdown") from exc
+                log.warning("job registry: %s failed (%s); retrying in %.1f s", what, exc,
+                            delay)
+                self._stopping.wait(delay)
+                delay = min(delay * 2, RETRY_MAX_S)
+
     def _run(self, job_id: str) -> None:
         if self._stopping.is_set():
             return
-        job = self.registry.claim(job_id, self.owner)
+        try:
+            job = self._retry("claim", lambda: self.registry.claim(job_id, self.owner))
+        except Interrupted:
+            return
         if job is None:  # cancelled while queued, or a sibling worker claimed it
             return
         try:
             source = EmbeddingSource.model_validate_json(job.dataset)
             config = MiningConfig.model_validate_json(job.config)
             plan = self._mine(job_id, source, config, job.engine)
+        except JobFailed as exc:
+            if exc.bug:
+                log.error("job %s failed in the mining process: %s", job_id, exc)
+            self._finish(job_id, "failed", error=str(exc).splitlines()[0])
+            return
         except Interrupted as exc:
             if exc.reason == "cancelled":
                 self._finish(job_id, "cancelled", error="cancelled by request")
             # "shutdown"/"lost": leave the row to the next start's recovery (or its new owner).
             return
-        except (B3MineError, ValueError, OSError) as exc:
+        except (B3MineError, ApiError, ValueError, OSError) as exc:
             self._finish(job_id, "failed", error=str(exc) or type(exc).__name__)
             return
         except Exception as exc:  # an engine bug must end the job, not kill the worker
@@ -96,7 +131,14 @@ class JobRunner:
         self._finish(job_id, "succeeded", plan_id=plan.plan_id)
 
     def _finish(self, job_id: str, state: str, **kw: Any) -> None:
-        if self.registry.finish(job_id, self.owner, state, **kw) and self.metrics:  # type: ignore[arg-type]
+        if "error" in kw and kw["error"]:
+            kw["error"] = relative_paths(kw["error"], self.settings)
+        try:
+            done = self._retry("finish", lambda: self.registry.finish(
+                job_id, self.owner, state, **kw))  # type: ignore[arg-type]
+        except Interrupted:  # stopping: the next start's recovery settles the row
+            return
+        if done and self.metrics:
             self.metrics.jobs_finished.labels(state).inc()
 
     def _progress_callback(self, job_id: str) -> Callable[[str, float], None]:
@@ -113,7 +155,10 @@ class JobRunner:
             # Throttled: engines may report thousands of times; stage changes always go through.
             if stage != last["stage"] or fraction >= 1.0 or now - last["t"] >= PROGRESS_INTERVAL_S:
                 last["stage"], last["t"] = stage, now
-                self.registry.progress(job_id, self.owner, stage, last["overall"])
+                try:
+                    self.registry.progress(job_id, self.owner, stage, last["overall"])
+                except sqlite3.Error as exc:  # progress is best effort: mining goes on
+                    log.warning("job %s: progress not recorded (%s)", job_id, exc)
             if self.hook is not None:
                 self.hook(job_id, stage, fraction)
                 if self._stopping.is_set():
@@ -126,6 +171,7 @@ class JobRunner:
         from b3mine.cli import run_engine
 
         settings = self.settings
+        check_source_under_root(source, settings)  # again: a symlink planted since submission
         source = absolute_source(source, settings)
         options: dict[str, Any] = {}
         if engine == "local":
@@ -134,7 +180,20 @@ class JobRunner:
             options = dict(settings.engine_options)
         progress = self._progress_callback(job_id)
         progress("start", 0.0)  # first registry touch: honours a cancel sent before we began
-        return run_engine(engine, source, config, settings.plans, options, progress)
+        if engine != "local":  # the thread only waits on the cluster
+            return run_engine(engine, source, config, settings.plans, options, progress)
+
+        def check() -> None:
+            if self._stopping.is_set():
+                raise Interrupted("shutdown")
+            try:
+                self.registry.check(job_id, self.owner)
+            except sqlite3.Error as exc:  # cannot tell: keep mining, ask again later
+                log.warning("job %s: cancel flag not readable (%s)", job_id, exc)
+
+        path = mine_in_child(engine, source.model_dump_json(), config.model_dump_json(),
+                             settings.plans, options, progress, check, nice=settings.mining_nice)
+        return BatchPlan.open(path)
 
 
 def _materialise_urls(source: EmbeddingSource, settings: Settings) -> EmbeddingSource:

@@ -32,12 +32,24 @@ class Settings(BaseSettings):
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list, description="accepted X-API-Key values; writes need one, and with "
         "none configured writes are disabled")
-    require_key_for_reads: bool = Field(False, description="also require a key for GET endpoints")
+    require_key_for_reads: bool = Field(False, description="also require a key to read plans "
+                                        "(GET /v1/plans...)")
+    require_key_for_job_reads: bool = Field(True, description="require a key to read jobs "
+                                            "(GET /v1/jobs...): they show dataset paths and "
+                                            "errors")
     engine: Literal["local", "dask"] = Field("local", description="local: b3mine.mining in a "
-                                             "worker thread; dask: the b3mine.engines plugin")
+                                             "child process per job; dask: the b3mine.engines "
+                                             "plugin")
+    mining_nice: int = Field(10, ge=0, le=19, description="CPU niceness of local mining "
+                             "processes: serving keeps priority on shared cores")
     engine_options: dict[str, Any] = Field(default_factory=dict, description="extra keyword "
                                            "arguments of the engine (dask: scheduler, workers)")
     job_workers: int = Field(1, ge=1, description="jobs mined concurrently per service process")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="largest request body (413)")
+    max_plan_rows: int = Field(100_000_000, ge=1, description="largest plan a job may ask "
+                               "for, in rows x epochs (422)")
+    max_plan_bytes: int = Field(4 << 30, ge=1, description="largest plan a job may ask for, "
+                                "in estimated bytes written (422)")
     max_page: int = Field(1000, ge=1, description="most batches in one JSON page")
     default_page: int = Field(100, ge=1, description="batches in a JSON page without ?limit=")
     epoch_cache: int = Field(8, ge=1, description="memory-mapped epochs kept open (LRU)")

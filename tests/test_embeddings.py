@@ -6,8 +6,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from b3mine.config import EmbeddingSource
-from b3mine.embeddings import Embeddings, check_minimum_rows, load_embeddings
+from b3mine.config import EmbeddingSource, MiningConfig
+from b3mine.embeddings import Embeddings, load_embeddings
 from b3mine.errors import InputError
 from tests.conftest import clustered_vectors, write_embeddings
 
@@ -158,8 +158,9 @@ def test_zero_vector_cannot_be_normalised(x):
 
 def test_too_few_rows_for_a_batch(x):
     emb = Embeddings.from_arrays(np.arange(50), x)
+    config = MiningConfig(batch_size=64, cluster_size=16, p=3, m=20)
     with pytest.raises(InputError, match=r"expected >= batch_size = 64 rows, got 50"):
-        check_minimum_rows(emb, 64)
+        config.check_fits(emb.n_rows, emb.source)
 
 
 def test_fingerprint_tracks_content(x):

@@ -20,12 +20,11 @@ from distributed import Client, LocalCluster, WorkerPlugin  # noqa: E402
 from b3mine.config import MiningConfig, NegativesConfig, NeighbourConfig  # noqa: E402
 from b3mine.graph import window_graph  # noqa: E402
 from b3mine.mining import mine as local_mine  # noqa: E402
-from b3mine.neighbours import search  # noqa: E402
 from b3mine.plan import BatchPlan  # noqa: E402
 from pipelines import read_progress  # noqa: E402
 from pipelines.checkpoints import WorkDir  # noqa: E402
 from pipelines.engine import DELAY_ENV, FAIL_ENV, StageError, job_id_for, run_job  # noqa: E402
-from pipelines.stages import INDEX_CACHE, merge_topk, read_graph  # noqa: E402
+from pipelines.stages import INDEX_CACHE, read_graph  # noqa: E402
 
 from tests.conftest import clustered_vectors  # noqa: E402
 
@@ -77,26 +76,6 @@ def test_scheduler_address_and_corpus_shards(tmp_path, corpus_path, small_config
     address = client.scheduler.address
     result = run_job(corpus_path, small_config, tmp_path, scheduler=address, target_shards=3)
     assert_same_plan(small_plan, result.plan)
-
-
-def test_merge_topk_is_exact():
-    x = clustered_vectors(600, 16, 10, seed=3)
-    cfg = NeighbourConfig(index="flat", device="cpu")
-    whole = search(x, x, 25, cfg)
-    parts = []
-    for a, b in ((0, 100), (100, 350), (350, 600)):
-        found = search(x, x[a:b], 25, cfg)
-        parts.append(type(found)(rows=np.where(found.rows >= 0, found.rows + a, -1),
-                                 scores=found.scores))
-    merged = merge_topk(parts, 25)
-    np.testing.assert_array_equal(merged.scores, whole.scores)
-    # rows agree except inside groups of exactly equal scores (float32 ties do happen), and
-    # within a tie the merge orders by row id
-    for i, j in np.argwhere(merged.rows != whole.rows):
-        tie = merged.scores[i] == merged.scores[i, j]
-        assert tie.sum() > 1
-        assert set(merged.rows[i, tie]) == set(whole.rows[i, tie]) or j + tie[j:].sum() >= 25
-        assert (np.diff(merged.rows[i, tie]) > 0).all()
 
 
 def test_graph_checkpoint_round_trip(tmp_path):

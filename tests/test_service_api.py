@@ -148,7 +148,7 @@ def test_unknown_things_are_404(client: TestClient, small_plan: BatchPlan) -> No
              (f"/v1/plans/{pid}/epochs/0/batches/999999", "path.batch"),
              ("/v1/jobs/unknown", "path.job_id")]
     for url, field in cases:
-        r = client.get(url)
+        r = client.get(url, headers=W)
         assert r.status_code == 404, (url, r.text)
         if field:
             assert error_field(r) == field
@@ -269,7 +269,7 @@ def test_resubmission_and_cancellation(root: Path) -> None:
         hold.set()
         job = poll(c, a.json()["id"], {"cancelled"})
         assert job["error"] == "cancelled by request"
-        listed = c.get("/v1/jobs", params={"state": "cancelled"}).json()["jobs"]
+        listed = c.get("/v1/jobs", params={"state": "cancelled"}, headers=W).json()["jobs"]
         assert {j["id"] for j in listed} == {a.json()["id"], b["id"]}
         # a cancelled job submitted again is queued again, and this time runs to the end
         hold.set()
@@ -309,7 +309,7 @@ def test_job_progress_is_overall_with_the_stage_beside_it(root: Path) -> None:
 def poll(c, job_id: str, states: set[str], timeout: float = 60) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        job = c.get(f"/v1/jobs/{job_id}").json()
+        job = c.get(f"/v1/jobs/{job_id}", headers=W).json()
         if job["state"] in states:
             return job
         time.sleep(0.05)

@@ -33,7 +33,7 @@ def poll(client: httpx.Client, job_id: str, states: set[str], timeout: float = 9
     deadline = time.monotonic() + timeout
     seen = set()
     while time.monotonic() < deadline:
-        r = client.get(f"/v1/jobs/{job_id}")
+        r = client.get(f"/v1/jobs/{job_id}", headers=W)
         assert r.status_code == 200, r.text
         job = r.json()
         seen.add((job["state"], job["stage"]))
@@ -137,7 +137,7 @@ def test_restart_recovery(settings: Settings) -> None:
         with httpx.Client(base_url=server.url, timeout=30, headers=W) as c:
             running = c.post("/v1/jobs", json=body(seed=21)).json()["id"]
             assert entered.wait(60)
-            job = c.get(f"/v1/jobs/{running}").json()
+            job = c.get(f"/v1/jobs/{running}", headers=W).json()
             assert job["state"] == "running" and job["stage"] == "neighbours"
             queued = c.post("/v1/jobs", json=body(seed=22, epochs=1)).json()
             assert queued["state"] == "queued"
@@ -147,12 +147,12 @@ def test_restart_recovery(settings: Settings) -> None:
     # A new app over the same database file, as after a crash or a redeploy.
     with UvicornThread(create_app(settings)) as server2, \
             httpx.Client(base_url=server2.url, timeout=30, headers=W) as c:
-        job = c.get(f"/v1/jobs/{running}").json()
+        job = c.get(f"/v1/jobs/{running}", headers=W).json()
         assert job["state"] == "failed" and job["error"] == RESTART_REASON
         hold.set()  # the old worker wakes up: it must not overwrite the recovered row
         resumed = poll(c, queued["id"], {"succeeded", "failed"})
         assert resumed["state"] == "succeeded", resumed
-        assert c.get(f"/v1/jobs/{running}").json()["state"] == "failed"
+        assert c.get(f"/v1/jobs/{running}", headers=W).json()["state"] == "failed"
         r = c.post("/v1/jobs", json=body(seed=21))
         assert r.status_code == 202 and r.json()["id"] == running
         done = poll(c, running, {"succeeded", "failed"})
