@@ -19,7 +19,9 @@ from typing import Literal, Self
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 IndexKind = Literal["flat", "ivf", "hnsw", "torch"]
-Algorithm = Literal["metis", "louvain", "igraph-louvain", "leiden"]
+Algorithm = Literal["metis", "kaminpar", "louvain", "igraph-louvain", "leiden"]
+KaMinParPreset = Literal["largek-fast", "largek", "largek-strong", "largek-eco", "default", "fast",
+                         "strong", "eco", "terapart", "terapart-largek", "terapart-eco"]
 Policy = Literal["drop", "fill"]
 NegativeMode = Literal["none", "hnps", "hnips"]
 
@@ -91,6 +93,12 @@ class MiningConfig(FrozenConfig):
     )
     algorithm: Algorithm = "metis"
     resolution: float = Field(0.05, gt=0, description="Leiden CPM resolution")
+    kaminpar_preset: KaMinParPreset = Field(
+        "largek-fast", description="KaMinPar context preset (kaminpar.context_by_name)"
+    )
+    kaminpar_threads: int = Field(
+        1, ge=1, description="KaMinPar threads; more than one is faster but not reproducible"
+    )
     remainder: Policy = Field(
         "drop",
         description="examples left over after forming clusters of exactly K: drop them, or fill "
@@ -106,6 +114,11 @@ class MiningConfig(FrozenConfig):
         description="which clusters share a batch: random (B3), or clusters linked by many "
         "graph edges (harder batches); re-drawn each epoch either way",
     )
+    region_size: int | None = Field(
+        None, ge=1,
+        description="Dask engine: cut the corpus into regions of at most this many rows and mine "
+        "them in parallel (b3mine.regions); None = one global graph",
+    )
     epochs: int = Field(1, ge=1, description="epochs in the plan; batches are re-drawn each epoch")
     seed: int = Field(0, ge=0, description="seeds every random choice: same seed, same plan")
     normalize: bool = Field(True, description="L2-normalise embeddings (cosine similarity)")
@@ -119,6 +132,9 @@ class MiningConfig(FrozenConfig):
                 f"batch_size must be a multiple of cluster_size "
                 f"(got batch_size={self.batch_size}, cluster_size={self.cluster_size})"
             )
+        if self.region_size is not None and self.region_size < self.cluster_size:
+            raise ValueError(f"region_size must be at least cluster_size (got region_size="
+                             f"{self.region_size}, cluster_size={self.cluster_size})")
         return self
 
     @property
