@@ -83,8 +83,8 @@ def make_negatives(emb: Embeddings, neighbours: Neighbours, clusters: clustering
                 rng, progress)
 
 
-def plan_counts(clusters: clustering.Clusters, batches: Batches, graph: sp.csr_matrix,
-                config: MiningConfig) -> PlanCounts:
+def plan_counts(clusters: clustering.Clusters, batches: Batches,
+                graph: sp.csr_matrix | dict[str, Any], config: MiningConfig) -> PlanCounts:
     n_clusters, k = clusters.members.shape
     slots = batches.batches_per_epoch * config.clusters_per_batch
     return PlanCounts(
@@ -98,9 +98,14 @@ def plan_counts(clusters: clustering.Clusters, batches: Batches, graph: sp.csr_m
         remainder_dropped=len(clusters.dropped),
         remainder_padded=int(clusters.padded.sum()),
         last_batch_padded=max(0, slots - n_clusters) * k,
-        n_edges=int(graph.nnz // 2),
+        n_edges=int(_graph_stats(graph)["edges"]),
         extra_negatives=config.negatives.k if config.negatives.mode != "none" else 0,
     )
+
+
+def _graph_stats(graph: sp.csr_matrix | dict[str, Any]) -> dict[str, Any]:
+    """Degree statistics of the graph, or the summary a region-parallel run already made."""
+    return degree_stats(graph) if sp.issparse(graph) else dict(graph)
 
 
 # -- the job ---------------------------------------------------------------------------------
@@ -126,6 +131,9 @@ def mine(
     returns the existing plan without recomputing it.
     """
     config = config or MiningConfig()
+    if config.region_size is not None:
+        raise ValueError("region_size (region-parallel mining) runs on the Dask engine only: "
+                         "use --engine dask / pipelines.run_job, or leave region_size unset")
     timings: dict[str, float] = {}
     with _timed(timings, "load"), stage_progress(progress, "load", 1):
         raw = embeddings if isinstance(embeddings, Embeddings) else load_embeddings(embeddings)
@@ -153,7 +161,7 @@ def finish_plan(
     emb: Embeddings,
     fingerprint: str,
     config: MiningConfig,
-    graph: sp.csr_matrix,
+    graph: sp.csr_matrix | dict[str, Any],
     clustered: clustering.Clusters,
     batches: Batches,
     negatives: np.ndarray | None,
@@ -163,9 +171,13 @@ def finish_plan(
     progress: ProgressCallback | None = None,
     report: bool = True,
 ) -> BatchPlan:
-    """Report, assemble and atomically write the plan (the last stage of every engine)."""
+    """Report, assemble and atomically write the plan (the last stage of every engine).
+
+    ``graph`` is the window graph, or (region-parallel runs, which never build it whole) its
+    ``degree_stats`` summary plus any extra fields to record under ``stats["graph"]``.
+    """
     timings = dict(timings or {})
-    stats: dict[str, Any] = {"graph": degree_stats(graph), "communities_found":
+    stats: dict[str, Any] = {"graph": _graph_stats(graph), "communities_found":
                              clustered.communities}
     extra: dict[str, bytes] = {}
     if report and batches.rows.size:

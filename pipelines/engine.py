@@ -40,7 +40,7 @@ from b3mine.errors import B3MineError
 from b3mine.plan import MANIFEST, BatchPlan, plan_id_for
 from b3mine.progress import ProgressCallback
 
-from pipelines import stages
+from pipelines import regions, stages
 from pipelines.checkpoints import PIPELINE_STAGES, ProgressFile, WorkDir, write_json
 from pipelines.cluster import connect
 
@@ -282,6 +282,11 @@ class _Job:
                                                          PIPELINE_STAGES[1:]}})
         nb = self.stage("neighbours", lambda: self._neighbours(load, blocks_per_task,
                                                                target_shards))
+        if config.region_size is not None:  # region-parallel stages (pipelines/regions.py)
+            path, timings = regions.run(self, load, nb, report=report)
+            self.progress_file.finish("done", plan_id=plan_id)
+            return JobResult(plan=BatchPlan.open(path), job_id=self.job_id,
+                             stages=dict(self.statuses), timings=timings)
         graph = self.stage("graph", lambda: self.one(
             "graph", stages.graph_task, self.root, config, nb["parts"]))
         clusters = self.stage("clusters", lambda: self.one(
