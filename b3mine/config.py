@@ -91,7 +91,10 @@ class MiningConfig(FrozenConfig):
     graph: Literal["mutual", "symmetric"] = Field(
         "mutual", description="mutual keeps i-j only if both rank each other (B3)"
     )
-    algorithm: Algorithm = "metis"
+    algorithm: Algorithm = Field(
+        "kaminpar", description="kaminpar (default: fast, exact sizes, lower edge cut), metis (B3's "
+        "own choice, for parity), louvain, igraph-louvain, leiden"
+    )
     resolution: float = Field(0.05, gt=0, description="Leiden CPM resolution")
     kaminpar_preset: KaMinParPreset = Field(
         "largek-fast", description="KaMinPar context preset (kaminpar.context_by_name)"
