@@ -81,9 +81,9 @@ def cluster(graph: csr_matrix, config: MiningConfig) -> Clusters:
     """find_communities -> split_oversized -> exact_size, seeded by ``config.seed``.
 
     Deterministic for the same seed and graph: ``metis`` (METIS seed option), ``kaminpar``
-    (``kaminpar.reseed``, one thread unless ``config.kaminpar_threads`` says more), ``igraph-louvain``
-    and ``leiden`` (igraph RNG seeded, then restored) and ``louvain`` (python-louvain
-    ``random_state``). Splitting is seeded METIS; the "fill" padding uses
+    (``kaminpar.reseed``, one thread unless ``config.kaminpar_threads`` says more),
+    ``igraph-louvain`` and ``leiden`` (igraph RNG seeded, then restored) and ``louvain``
+    (python-louvain ``random_state``). Splitting is seeded METIS; the "fill" padding uses
     ``np.random.default_rng(config.seed % 2**32)``.
 
     >>> import scipy.sparse as sp

@@ -92,8 +92,8 @@ class MiningConfig(FrozenConfig):
         "mutual", description="mutual keeps i-j only if both rank each other (B3)"
     )
     algorithm: Algorithm = Field(
-        "kaminpar", description="kaminpar (default: fast, exact sizes, lower edge cut), metis (B3's "
-        "own choice, for parity), louvain, igraph-louvain, leiden"
+        "kaminpar", description="kaminpar (default: fast, exact sizes, lower edge cut), metis "
+        "(B3's own choice, for parity), louvain, igraph-louvain, leiden"
     )
     resolution: float = Field(0.05, gt=0, description="Leiden CPM resolution")
     kaminpar_preset: KaMinParPreset = Field(

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from b3mine import clustering
+from b3mine import clustering, storage
 from b3mine.batches import Batches, assemble_batches, cluster_affinity
 from b3mine.config import EmbeddingSource, MiningConfig
 from b3mine.embeddings import Embeddings, check_minimum_rows, load_embeddings
@@ -135,13 +135,19 @@ def mine(
         raise ValueError("region_size (region-parallel mining) runs on the Dask engine only: "
                          "use --engine dask / pipelines.run_job, or leave region_size unset")
     timings: dict[str, float] = {}
+    out, publish_to = storage.local_output(out)  # an fsspec URL: stage locally, publish after
     with _timed(timings, "load"), stage_progress(progress, "load", 1):
-        raw = embeddings if isinstance(embeddings, Embeddings) else load_embeddings(embeddings)
+        raw = embeddings if isinstance(embeddings, Embeddings) else load_embeddings(
+            storage.local_source(embeddings))
         fingerprint = raw.fingerprint()
     plan_id = plan_id_for(fingerprint, config)
-    existing = Path(out) / plan_id
+    existing = out / plan_id
     if (existing / "manifest.json").is_file():
+        if publish_to:  # (a no-op when it is published already)
+            storage.publish_plan(existing, publish_to)
         return BatchPlan.open(existing)
+    if publish_to and (url := storage.remote_plan(publish_to, plan_id)):
+        return BatchPlan.open(url)  # mined elsewhere: a verified local copy
     emb = prepare(raw, config)
     with _timed(timings, "neighbours"):
         neighbours = compute_neighbours(emb, config, progress)
@@ -153,8 +159,11 @@ def mine(
         batches = make_batches(clustered, config, graph)
     with _timed(timings, "negatives"):
         negatives = make_negatives(emb, neighbours, clustered, config, progress)
-    return finish_plan(emb, fingerprint, config, graph, clustered, batches, negatives, out,
+    plan = finish_plan(emb, fingerprint, config, graph, clustered, batches, negatives, out,
                        timings=timings, progress=progress, report=report)
+    if publish_to:
+        storage.publish_plan(plan.path, publish_to)
+    return plan
 
 
 def finish_plan(

@@ -67,9 +67,8 @@ def _npy(work: WorkDir, name: str, shape: tuple[int, ...], dtype: Any) -> None:
 
 
 def _write_npy(path, array: np.ndarray) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, array)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array)
 
 
 def _delay(seconds: float) -> None:
@@ -180,10 +179,9 @@ def shuffle_task(work_root: str, config: MiningConfig, part: str, start: int, st
     table = pa.table(cols)
     bounds = np.flatnonzero(np.diff(region[order])) + 1
     path = _shuffle_path(work, part)
-    with atomic_path(path) as tmp:
-        with pq.ParquetWriter(tmp, table.schema) as writer:
-            for a, b in zip(np.r_[0, bounds], np.r_[bounds, len(order)]):
-                writer.write_table(table.slice(int(a), int(b - a)))
+    with atomic_path(path) as tmp, pq.ParquetWriter(tmp, table.schema) as writer:
+        for a, b in zip(np.r_[0, bounds], np.r_[bounds, len(order)]):
+            writer.write_table(table.slice(int(a), int(b - a)))
     return part
 
 
@@ -252,7 +250,7 @@ def _mine_rows(work: WorkDir, config: MiningConfig, region: int, rows: np.ndarra
         "members": pa.FixedSizeListArray.from_arrays(pa.array(result.members.reshape(-1)), k),
         "padded": pa.FixedSizeListArray.from_arrays(pa.array(result.padded.reshape(-1)), k),
     }))
-    return {"region": region, "rows": int(len(rows)), "clusters": int(len(result.members)),
+    return {"region": region, "rows": len(rows), "clusters": len(result.members),
             "edges": result.edges, "cross_region": result.cross_region,
             "communities": [int(c) for c in result.communities],
             "dropped": [int(r) for r in dropped]}
