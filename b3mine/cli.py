@@ -59,7 +59,7 @@ def mine(
     p: Annotated[Optional[int], typer.Option("--p", help="skip the top p ranks")] = None,
     m: Annotated[Optional[int], typer.Option("--m", help="keep ranks [p, p+m)")] = None,
     algorithm: Annotated[Optional[str], typer.Option(
-        help="metis | louvain | igraph-louvain | leiden")] = None,
+        help="kaminpar | metis | louvain | igraph-louvain | leiden")] = None,
     graph: Annotated[Optional[str], typer.Option(help="mutual | symmetric")] = None,
     index: Annotated[Optional[str], typer.Option(help="flat | ivf | hnsw | torch")] = None,
     nprobe: Optional[int] = None,

@@ -80,15 +80,8 @@ def hnps(
     progress: ProgressCallback | None = None,
 ) -> np.ndarray:
     """(N, K_neg) rows for every member of ``members`` (C, K); rows in no cluster get -1."""
-    out = np.full((queries.shape[0], config.k), -1, np.int64)
-    depth = p + config.depth
-    with stage_progress(progress, "negatives", len(members)) as advance:
-        for cluster in members:
-            cluster = np.unique(cluster)  # padded repeats share their original's negatives
-            out[cluster] = _hnps_cluster(neighbours.rows[cluster, :depth], cluster,
-                                         queries[cluster], targets, pos[cluster], p, config, rng)
-            advance()
-    return out
+    return hnps_clusters(neighbours.rows, members, members, queries, targets, pos, p, config,
+                         rng, progress)
 
 
 def hnps_clusters(
@@ -101,16 +94,21 @@ def hnps_clusters(
     p: int,
     config: NegativesConfig,
     rng: np.random.Generator,
+    progress: ProgressCallback | None = None,
 ) -> np.ndarray:
-    """HNPS for a subset of rows (one region): ``ranks``, ``queries`` and ``pos`` are indexed by
-    local row, ``local_members`` (C, K) are the clusters in local rows and ``members`` the same
-    in global rows (what the candidates are compared with). Returns (n_local, K_neg)."""
+    """HNPS over a subset of rows (one region; all rows for `hnps`): ``ranks``, ``queries`` and
+    ``pos`` are indexed by local row, ``local_members`` (C, K) are the clusters in local rows and
+    ``members`` the same in global rows (what candidates are compared with). Local rows must be
+    ordered as the global ones. Returns (n_local, K_neg)."""
     out = np.full((queries.shape[0], config.k), -1, np.int64)
     depth = p + config.depth
-    for local, cluster in zip(local_members, members):
-        local, cluster = np.unique(local), np.unique(cluster)  # same order: rows ascending
-        out[local] = _hnps_cluster(ranks[local, :depth], cluster, queries[local], targets,
-                                   pos[local], p, config, rng)
+    with stage_progress(progress, "negatives", len(members)) as advance:
+        for local, cluster in zip(local_members, members):
+            # padded repeats share their original's negatives
+            local, cluster = np.unique(local), np.unique(cluster)
+            out[local] = _hnps_cluster(ranks[local, :depth], cluster, queries[local], targets,
+                                       pos[local], p, config, rng)
+            advance()
     return out
 
 
