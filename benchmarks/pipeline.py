@@ -134,13 +134,25 @@ def run_engine(engine: str, path: Path, config_json: str, out: Path, workers: in
             "quality": stats.get("quality")}
 
 
-def measured(cmd: list[str]) -> tuple[dict, dict]:
-    """Run ``cmd``; sample its process tree's memory; return (its JSON result, memory peaks)."""
+def _current_stage(out: Path) -> str:
+    """The running stage of the Dask job under ``out`` (its progress.json), else "-"."""
+    for f in out.glob(".work/*/progress.json"):
+        try:
+            return json.loads(f.read_text()).get("stage") or "-"
+        except (OSError, ValueError):
+            pass
+    return "-"
+
+
+def measured(cmd: list[str], out: Path) -> tuple[dict, dict]:
+    """Run ``cmd``; sample its process tree's memory (overall and per stage of the Dask job
+    writing under ``out``); return (its JSON result, memory peaks)."""
     import psutil
 
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     ps = psutil.Process(proc.pid)
-    peak = {"rss_sum_gib": 0.0, "pss_gib": 0.0, "worker_pss_gib": 0.0, "client_pss_gib": 0.0}
+    peak: dict = {"rss_sum_gib": 0.0, "pss_gib": 0.0, "worker_pss_gib": 0.0,
+                  "client_pss_gib": 0.0, "stage_worker_pss_gib": {}, "stage_pss_gib": {}}
     stop = threading.Event()
 
     def sample() -> None:
@@ -152,9 +164,14 @@ def measured(cmd: list[str]) -> tuple[dict, dict]:
                 peak["rss_sum_gib"] = max(peak["rss_sum_gib"], rss / 2**30)
                 if tick % 4 == 0:  # PSS reads smaps: slower, so once a second
                     each = [p.memory_full_info().pss / 2**30 for p in procs if p.is_running()]
+                    worker = max(each[1:], default=0.0)
                     peak["pss_gib"] = max(peak["pss_gib"], sum(each))
                     peak["client_pss_gib"] = max(peak["client_pss_gib"], each[0])
-                    peak["worker_pss_gib"] = max(peak["worker_pss_gib"], *each[1:], 0.0)
+                    peak["worker_pss_gib"] = max(peak["worker_pss_gib"], worker)
+                    stage = _current_stage(out)
+                    for key, value in (("stage_worker_pss_gib", worker),
+                                       ("stage_pss_gib", sum(each))):
+                        peak[key][stage] = round(max(peak[key].get(stage, 0.0), value), 2)
             except (psutil.NoSuchProcess, psutil.AccessDenied, IndexError):
                 pass
             tick += 1
@@ -167,7 +184,8 @@ def measured(cmd: list[str]) -> tuple[dict, dict]:
     thread.join()
     if proc.returncode:
         raise SystemExit(f"{cmd} failed with {proc.returncode}")
-    return json.loads(stdout.strip().splitlines()[-1]), {k: round(v, 2) for k, v in peak.items()}
+    return json.loads(stdout.strip().splitlines()[-1]), {
+        k: round(v, 2) if isinstance(v, float) else v for k, v in peak.items()}
 
 
 def main() -> None:
@@ -220,7 +238,7 @@ def main() -> None:
             if engine == "dask-regions" else config
         cmd = [sys.executable, __file__, "--workers", str(args.workers), "--child", engine,
                str(path), cfg.model_dump_json(), str(out)]
-        result, peak = measured(cmd)
+        result, peak = measured(cmd, out)
         results[engine] = {**result, **peak}
         emit(step="run", n=args.n, d=args.d, index="ivf", nprobe=nprobe,
              config={"batch_size": args.batch_size, "K": args.cluster_size, "p": args.p,

@@ -82,6 +82,8 @@ def centroids_task(work_root: str, config: MiningConfig, n_rows: int, fail: bool
                    ) -> int:
     _maybe_fail("regions", fail)
     work = WorkDir(work_root)
+    if work.path(CENTROIDS).exists():  # resumed: the blocks already assigned used these
+        return int(np.load(work.path(CENTROIDS), mmap_mode="r").shape[0])
     assert config.region_size is not None
     n_centroids = core.n_regions(n_rows, config.region_size)
     q = np.load(work.path(QUERIES), mmap_mode="r")
