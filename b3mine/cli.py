@@ -74,7 +74,7 @@ def mine(
     m: Annotated[Optional[int], typer.Option("--m", help=_default("keep ranks [p, p+m)",
                                                                   "m"))] = None,
     algorithm: Annotated[Optional[str], typer.Option(
-        help=_default("metis | louvain | igraph-louvain | leiden", "algorithm"))] = None,
+        help=_default("kaminpar | metis | louvain | igraph-louvain | leiden", "algorithm"))] = None,
     graph: Annotated[Optional[str], typer.Option(
         help=_default("mutual | symmetric", "graph"))] = None,
     index: Annotated[Optional[str], typer.Option(

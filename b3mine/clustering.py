@@ -4,7 +4,7 @@ Position in the pipeline: embeddings -> neighbours -> graph -> **clusters** -> b
 Three steps, each usable on its own:
 
 1. `find_communities`: a backend labels the graph, sizes unconstrained
-   (``metis`` | ``louvain`` | ``igraph-louvain`` | ``leiden``).
+   (``metis`` | ``kaminpar`` | ``louvain`` | ``igraph-louvain`` | ``leiden``).
 2. `split_oversized`: METIS cuts every community larger than K into parts of K plus one
    remainder part, so coherent communities yield whole clusters.
 3. `exact_size`: every cluster gets exactly K rows; small groups are packed together and the
@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import heapq
 import importlib
+import os
 import random
+import tempfile
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -31,6 +33,9 @@ from dataclasses import dataclass, field
 from types import ModuleType
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from pyarrow import csv
 from scipy.sparse import csr_matrix, issparse, triu
 
 from b3mine.config import MiningConfig
@@ -38,8 +43,10 @@ from b3mine.errors import InputError
 
 __all__ = ["Clusters", "cluster", "exact_size", "find_communities", "split_oversized"]
 
-# igraph keeps one process-wide RNG; serialise seeded runs so threads don't interleave draws.
+# igraph and KaMinPar keep one process-wide RNG each; serialise seeded runs so that threads
+# don't interleave draws.
 _IGRAPH_RNG_LOCK = threading.Lock()
+_KAMINPAR_RNG_LOCK = threading.Lock()
 _METIS_MAX_SEED = 2**31 - 1
 
 
@@ -73,9 +80,10 @@ class Clusters:
 def cluster(graph: csr_matrix, config: MiningConfig) -> Clusters:
     """find_communities -> split_oversized -> exact_size, seeded by ``config.seed``.
 
-    Deterministic for the same seed and graph: ``metis`` (METIS seed option), ``igraph-louvain``
-    and ``leiden`` (igraph RNG seeded, then restored) and ``louvain`` (python-louvain
-    ``random_state``). Splitting is seeded METIS; the "fill" padding uses
+    Deterministic for the same seed and graph: ``metis`` (METIS seed option), ``kaminpar``
+    (``kaminpar.reseed``, one thread unless ``config.kaminpar_threads`` says more),
+    ``igraph-louvain`` and ``leiden`` (igraph RNG seeded, then restored) and ``louvain``
+    (python-louvain ``random_state``). Splitting is seeded METIS; the "fill" padding uses
     ``np.random.default_rng(config.seed % 2**32)``.
 
     >>> import scipy.sparse as sp
@@ -95,7 +103,8 @@ def cluster(graph: csr_matrix, config: MiningConfig) -> Clusters:
 def find_communities(graph: csr_matrix, config: MiningConfig) -> np.ndarray:
     """Backend-specific labels (N,) int64, numbered 0..c-1; sizes unconstrained.
 
-    ``metis`` cuts into N // K balanced parts (as in B3); ``louvain`` is python-louvain
+    ``metis`` cuts into N // K balanced parts (as in B3); ``kaminpar`` into ceil(N / K) parts of
+    at most K rows each (KaMinPar, preset ``config.kaminpar_preset``); ``louvain`` is python-louvain
     (modularity, resolution 1; slow, kept for compatibility); ``igraph-louvain`` is igraph's
     multilevel Louvain (fast path); ``leiden`` is igraph Leiden with the CPM objective at
     ``config.resolution``. Isolated rows get communities of their own (METIS: any part).
@@ -186,6 +195,48 @@ def _metis_backend(graph: csr_matrix, config: MiningConfig) -> np.ndarray:
     return _metis_parts(graph, graph.shape[0] // config.cluster_size, config.seed)
 
 
+def _kaminpar_backend(graph: csr_matrix, config: MiningConfig) -> np.ndarray:
+    """KaMinPar into ceil(N / K) blocks, each capped at K rows (so most blocks are exactly K).
+
+    Its Python bindings read graphs from files only: the graph goes to a METIS text file in a
+    temporary directory (``$TMPDIR``). One thread is reproducible for a seed; more are not
+    (KaMinPar's parallel label propagation races).
+    """
+    n, k = graph.shape[0], config.cluster_size
+    nparts = -(-n // k)
+    if nparts <= 1:
+        return np.zeros(n, dtype=np.int64)
+    kaminpar = _require("kaminpar", "kaminpar")
+    with tempfile.TemporaryDirectory(prefix="b3mine-kaminpar-") as tmp:
+        path = os.path.join(tmp, "graph.metis")
+        write_metis(graph, path)
+        loaded = kaminpar.load_graph(path, kaminpar.GraphFileFormat.METIS)
+    with _KAMINPAR_RNG_LOCK:
+        kaminpar.reseed(_seed32(config.seed))
+        solver = kaminpar.KaMinPar(config.kaminpar_threads,
+                                   kaminpar.context_by_name(config.kaminpar_preset))
+        parts = solver.compute_partition(loaded, [k] * nparts)
+    return np.asarray(parts, dtype=np.int64)
+
+
+def write_metis(graph: csr_matrix, path: str) -> None:
+    """Write a symmetric unweighted graph in METIS text format: ``n m`` then, per node, its
+    1-based neighbours (an empty line for an isolated node). Self loops and stored zeros are
+    left out (the format has neither). Vectorised through Arrow's CSV writer: one text column,
+    no header, no quoting."""
+    n = graph.shape[0]
+    row = np.repeat(np.arange(n), np.diff(graph.indptr))
+    keep = (graph.indices != row) & (graph.data != 0)
+    indices = graph.indices[keep].astype(np.int64)
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(row[keep], minlength=n))])
+    words = pa.array(indices + 1).cast(pa.string())
+    lines = pc.binary_join(pa.LargeListArray.from_arrays(pa.array(indptr), words), " ")
+    with open(path, "wb") as f:
+        f.write(f"{n} {indices.size // 2}\n".encode())
+        csv.write_csv(pa.table({"adjacency": lines}), f,
+                      csv.WriteOptions(include_header=False, quoting_style="none"))
+
+
 def _louvain_backend(graph: csr_matrix, config: MiningConfig) -> np.ndarray:
     nx = _require("networkx", "louvain")
     community_louvain = _require("community", "louvain")  # the python-louvain distribution
@@ -210,6 +261,7 @@ def _leiden_backend(graph: csr_matrix, config: MiningConfig) -> np.ndarray:
 
 _BACKENDS: dict[str, Callable[[csr_matrix, MiningConfig], np.ndarray]] = {
     "metis": _metis_backend,
+    "kaminpar": _kaminpar_backend,
     "louvain": _louvain_backend,
     "igraph-louvain": _igraph_louvain_backend,
     "leiden": _leiden_backend,

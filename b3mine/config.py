@@ -21,7 +21,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from b3mine.errors import InputError
 
 IndexKind = Literal["flat", "ivf", "hnsw", "torch"]
-Algorithm = Literal["metis", "louvain", "igraph-louvain", "leiden"]
+Algorithm = Literal["metis", "kaminpar", "louvain", "igraph-louvain", "leiden"]
+KaMinParPreset = Literal["largek-fast", "largek", "largek-strong", "largek-eco", "default", "fast",
+                         "strong", "eco", "terapart", "terapart-largek", "terapart-eco"]
 Policy = Literal["drop", "fill"]
 NegativeMode = Literal["none", "hnps", "hnips"]
 
@@ -96,8 +98,17 @@ class MiningConfig(FrozenConfig):
     graph: Literal["mutual", "symmetric"] = Field(
         "mutual", description="mutual keeps i-j only if both rank each other (B3)"
     )
-    algorithm: Algorithm = "metis"
+    algorithm: Algorithm = Field(
+        "kaminpar", description="kaminpar (default: fast, exact sizes, lower edge cut), metis "
+        "(B3's own choice, for parity), louvain, igraph-louvain, leiden"
+    )
     resolution: float = Field(0.05, gt=0, description="Leiden CPM resolution")
+    kaminpar_preset: KaMinParPreset = Field(
+        "largek-fast", description="KaMinPar context preset (kaminpar.context_by_name)"
+    )
+    kaminpar_threads: int = Field(
+        1, ge=1, description="KaMinPar threads; more than one is faster but not reproducible"
+    )
     remainder: Policy = Field(
         "drop",
         description="examples left over after forming clusters of exactly K: drop them, or fill "
@@ -113,6 +124,11 @@ class MiningConfig(FrozenConfig):
         description="which clusters share a batch: random (B3), or clusters linked by many "
         "graph edges (harder batches); re-drawn each epoch either way",
     )
+    region_size: int | None = Field(
+        None, ge=1,
+        description="Dask engine: cut the corpus into regions of at most this many rows and mine "
+        "them in parallel (b3mine.regions); None = one global graph",
+    )
     epochs: int = Field(1, ge=1, description="epochs in the plan; batches are re-drawn each epoch")
     seed: int = Field(0, ge=0, description="seeds every random choice: same seed, same plan")
     normalize: bool = Field(True, description="L2-normalise embeddings (cosine similarity)")
@@ -126,6 +142,9 @@ class MiningConfig(FrozenConfig):
                 f"batch_size must be a multiple of cluster_size "
                 f"(got batch_size={self.batch_size}, cluster_size={self.cluster_size})"
             )
+        if self.region_size is not None and self.region_size < self.cluster_size:
+            raise ValueError(f"region_size must be at least cluster_size (got region_size="
+                             f"{self.region_size}, cluster_size={self.cluster_size})")
         return self
 
     @property

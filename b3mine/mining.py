@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from b3mine import clustering
+from b3mine import clustering, storage
 from b3mine.batches import Batches, assemble_batches, cluster_affinity
 from b3mine.config import EmbeddingSource, MiningConfig
 from b3mine.embeddings import Embeddings, load_embeddings
@@ -95,8 +95,8 @@ def make_negatives(emb: Embeddings, neighbours: Neighbours, clusters: clustering
                 rng, progress)
 
 
-def plan_counts(clusters: clustering.Clusters, batches: Batches, graph: sp.csr_matrix,
-                config: MiningConfig) -> PlanCounts:
+def plan_counts(clusters: clustering.Clusters, batches: Batches,
+                graph: sp.csr_matrix | dict[str, Any], config: MiningConfig) -> PlanCounts:
     n_clusters, k = clusters.members.shape
     slots = batches.batches_per_epoch * config.clusters_per_batch
     return PlanCounts(
@@ -110,9 +110,14 @@ def plan_counts(clusters: clustering.Clusters, batches: Batches, graph: sp.csr_m
         remainder_dropped=len(clusters.dropped),
         remainder_padded=int(clusters.padded.sum()),
         last_batch_padded=max(0, slots - n_clusters) * k,
-        n_edges=int(graph.nnz // 2),
+        n_edges=int(_graph_stats(graph)["edges"]),
         extra_negatives=config.negatives.k if config.negatives.mode != "none" else 0,
     )
+
+
+def _graph_stats(graph: sp.csr_matrix | dict[str, Any]) -> dict[str, Any]:
+    """Degree statistics of the graph, or the summary a region-parallel run already made."""
+    return degree_stats(graph) if sp.issparse(graph) else dict(graph)
 
 
 # -- the job ---------------------------------------------------------------------------------
@@ -139,15 +144,24 @@ def mine(
     The output directory is checked first, before any mining.
     """
     config = MiningConfig.of(config)
+    if config.region_size is not None:
+        raise ValueError("region_size (region-parallel mining) runs on the Dask engine only: "
+                         "use --engine dask / pipelines.run_job, or leave region_size unset")
+    out, publish_to = storage.local_output(out)  # an fsspec URL: stage locally, publish after
     out = check_output_dir(out)
     timings: dict[str, float] = {}
     with _timed(timings, "load"), stage_progress(progress, "load", 1):
-        raw = embeddings if isinstance(embeddings, Embeddings) else load_embeddings(embeddings)
+        raw = embeddings if isinstance(embeddings, Embeddings) else load_embeddings(
+            storage.local_source(embeddings))
         fingerprint = raw.fingerprint()
     plan_id = plan_id_for(fingerprint, config)
-    existing = Path(out) / plan_id
+    existing = out / plan_id
     if (existing / "manifest.json").is_file():
+        if publish_to:  # (a no-op when it is published already)
+            storage.publish_plan(existing, publish_to)
         return BatchPlan.open(existing)
+    if publish_to and (url := storage.remote_plan(publish_to, plan_id)):
+        return BatchPlan.open(url)  # mined elsewhere: a verified local copy
     emb = prepare(raw, config)
     with _timed(timings, "neighbours"):
         neighbours = compute_neighbours(emb, config, progress)
@@ -159,15 +173,18 @@ def mine(
         batches = make_batches(clustered, config, graph)
     with _timed(timings, "negatives"):
         negatives = make_negatives(emb, neighbours, clustered, config, progress)
-    return finish_plan(emb, fingerprint, config, graph, clustered, batches, negatives, out,
+    plan = finish_plan(emb, fingerprint, config, graph, clustered, batches, negatives, out,
                        timings=timings, progress=progress, report=report)
+    if publish_to:
+        storage.publish_plan(plan.path, publish_to)
+    return plan
 
 
 def finish_plan(
     emb: Embeddings,
     fingerprint: str,
     config: MiningConfig,
-    graph: sp.csr_matrix,
+    graph: sp.csr_matrix | dict[str, Any],
     clustered: clustering.Clusters,
     batches: Batches,
     negatives: np.ndarray | None,
@@ -182,9 +199,11 @@ def finish_plan(
 
     ``timings``: seconds of the stages run now; ``skipped_stages``: stages whose results an
     engine that checkpoints (Dask) took from an earlier, interrupted run of the same job.
+    ``graph`` is the window graph, or (region-parallel runs, which never build it whole) its
+    ``degree_stats`` summary plus any extra fields to record under ``stats["graph"]``.
     """
     timings = dict(timings or {})
-    stats: dict[str, Any] = {"graph": degree_stats(graph), "communities_found":
+    stats: dict[str, Any] = {"graph": _graph_stats(graph), "communities_found":
                              clustered.communities}
     warning = window_warning(emb.n_rows, config)
     if warning:

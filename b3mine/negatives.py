@@ -88,32 +88,60 @@ def hnps(
     progress: ProgressCallback | None = None,
 ) -> np.ndarray:
     """(N, K_neg) rows for every member of ``members`` (C, K); rows in no cluster get -1."""
+    return hnps_clusters(neighbours.rows, members, members, queries, targets, pos, p, config,
+                         rng, progress)
+
+
+def hnps_clusters(
+    ranks: np.ndarray,
+    local_members: np.ndarray,
+    members: np.ndarray,
+    queries: np.ndarray,
+    targets: np.ndarray,
+    pos: np.ndarray,
+    p: int,
+    config: NegativesConfig,
+    rng: np.random.Generator,
+    progress: ProgressCallback | None = None,
+) -> np.ndarray:
+    """HNPS over a subset of rows (one region; all rows for `hnps`): ``ranks``, ``queries`` and
+    ``pos`` are indexed by local row, ``local_members`` (C, K) are the clusters in local rows and
+    ``members`` the same in global rows (what candidates are compared with). Local rows must be
+    ordered as the global ones. Returns (n_local, K_neg)."""
     out = np.full((queries.shape[0], config.k), -1, np.int64)
     depth = p + config.depth
     norm = max_norm(targets) if config.positive_filter is not None else 0.0
     with stage_progress(progress, "negatives", len(members)) as advance:
-        for cluster in members:
-            cluster = np.unique(cluster)  # padded repeats share their original's negatives
-            lists = neighbours.rows[cluster, :depth]
-            valid = lists >= 0
-            pool, counts = np.unique(lists[valid], return_counts=True)
-            top_p = lists[:, :p]
-            bad_pool, bad = np.unique(top_p[top_p >= 0], return_counts=True)
-            weight = counts.astype(np.float64)
-            weight[np.searchsorted(pool, bad_pool)] -= 2 * bad
-            is_member = np.isin(pool, cluster)
-            weight[is_member] = 0  # (the official "+1 per member" is zeroed right after)
-            keep = weight > 0
-            pool, weight = pool[keep], weight[keep]
-            eligible = np.ones((len(cluster), len(pool)), bool)
-            if config.positive_filter is not None and len(pool):
-                s = queries[cluster] @ targets[pool].T  # BLAS: exact only near the bound
-                bound = np.broadcast_to(config.positive_filter * pos[cluster, None], s.shape)
-                cand = np.broadcast_to(pool, s.shape)
-                eligible = at_most(s, bound, score_error(queries[cluster], norm), queries,
-                                   targets, cluster, cand)
-            keys = _gumbel_keys(np.broadcast_to(weight, eligible.shape).copy(), eligible, rng)
-            cand = np.broadcast_to(pool, eligible.shape)
-            out[cluster] = _sample_rows(keys, cand, config.k)
+        for local, cluster in zip(local_members, members):
+            # padded repeats share their original's negatives
+            local, cluster = np.unique(local), np.unique(cluster)
+            out[local] = _hnps_cluster(ranks[local, :depth], cluster, queries[local], targets,
+                                       pos[local], p, config, rng, norm)
             advance()
     return out
+
+
+def _hnps_cluster(lists: np.ndarray, cluster: np.ndarray, queries: np.ndarray,
+                  targets: np.ndarray, pos: np.ndarray, p: int, config: NegativesConfig,
+                  rng: np.random.Generator, norm: float = 0.0) -> np.ndarray:
+    """One cluster's (|C|, K_neg) negatives from its members' rank lists (see module doc)."""
+    valid = lists >= 0
+    pool, counts = np.unique(lists[valid], return_counts=True)
+    top_p = lists[:, :p]
+    bad_pool, bad = np.unique(top_p[top_p >= 0], return_counts=True)
+    weight = counts.astype(np.float64)
+    weight[np.searchsorted(pool, bad_pool)] -= 2 * bad
+    is_member = np.isin(pool, cluster)
+    weight[is_member] = 0  # (the official "+1 per member" is zeroed right after)
+    keep = weight > 0
+    pool, weight = pool[keep], weight[keep]
+    eligible = np.ones((len(cluster), len(pool)), bool)
+    if config.positive_filter is not None and len(pool):
+        s = queries @ targets[pool].T  # BLAS: exact only near the bound
+        bound = np.broadcast_to(config.positive_filter * pos[:, None], s.shape)
+        cand = np.broadcast_to(pool, s.shape)
+        eligible = at_most(s, bound, score_error(queries, norm), queries, targets,
+                           np.arange(len(queries)), cand)
+    keys = _gumbel_keys(np.broadcast_to(weight, eligible.shape).copy(), eligible, rng)
+    cand = np.broadcast_to(pool, eligible.shape)
+    return _sample_rows(keys, cand, config.k)

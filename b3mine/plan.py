@@ -127,6 +127,7 @@ class PlanManifest(BaseModel):
     stats: dict[str, Any] = {}
     versions: dict[str, str] = {}
     files: dict[str, str] = {}  # file name -> sha256
+    file_sizes: dict[str, int] = {}  # file name -> bytes (object-store readers check these)
 
 
 @dataclass(frozen=True)
@@ -175,7 +176,7 @@ def _ids_array(ids: np.ndarray) -> pa.Array:
     return pa.array(ids.astype(str).tolist(), type=pa.string())
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -295,7 +296,8 @@ def write_plan(
         tmp.mkdir()
         try:
             _write_tables(tmp, tables)
-            files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+            written = [p for p in sorted(tmp.iterdir()) if p.is_file()]
+            files = {p.name: sha256_file(p) for p in written}
             manifest = PlanManifest(
                 plan_id=plan_id,
                 created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -305,6 +307,7 @@ def write_plan(
                 stats=stats or {},
                 versions=library_versions(),
                 files=files,
+                file_sizes={p.name: p.stat().st_size for p in written},
             )
             _atomic_write_text(tmp / MANIFEST, manifest.model_dump_json(indent=2))
             # what a reader will do, before anyone can see it: a plan that cannot be opened
@@ -393,7 +396,13 @@ class BatchPlan(PlanShape):
 
     @classmethod
     def open(cls, path: str | Path, *, validate: bool = False) -> BatchPlan:
-        path = Path(path)
+        """Open a plan directory, or (an fsspec URL) a verified local copy of a published plan
+        (``b3mine.storage.download_plan``)."""
+        from b3mine import storage
+
+        if storage.is_url(path):
+            path = storage.download_plan(str(path))
+        path = storage.local_path(path)
         manifest_path = path / MANIFEST
         if not manifest_path.is_file():
             raise PlanError(f"{path}: not a plan directory (no {MANIFEST})")
@@ -501,7 +510,7 @@ class BatchPlan(PlanShape):
         m, c = self.manifest, self.manifest.counts
         if check_hashes:
             for name, digest in m.files.items():
-                if _sha256(self.path / name) != digest:
+                if sha256_file(self.path / name) != digest:
                     raise PlanError(f"{self.path / name}: content does not match the manifest hash")
         clusters = self.clusters_table()
         crow = clusters.column("row").to_numpy()

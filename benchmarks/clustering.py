@@ -7,11 +7,13 @@ IndexFlatIP, exact), made symmetric (i-j if either lists the other) or mutual (b
 Per backend: seconds (find_communities, then split+exact_size), communities found and their
 sizes, clusters after exact_size, dropped rows, mean cosine between distinct members of a
 cluster ("hardness"), purity (share of rows whose cluster's majority fine topic is their own),
-and the share of graph edges kept inside clusters. A "random" line gives the chunked random
-permutation baseline.
+and the share of graph edges kept inside clusters (1 - edge cut). A "random" line gives the
+chunked random permutation baseline.
 
     python benchmarks/clustering.py                 # N=20000, K=32, k=20, symmetric
     python benchmarks/clustering.py --n 5000 --algorithms metis leiden
+    python benchmarks/clustering.py --n 200000 --graph mutual --algorithms metis kaminpar \
+        --kaminpar-presets largek-fast largek default
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from scipy.sparse import csr_matrix
 from b3mine.clustering import Clusters, exact_size, find_communities, split_oversized
 from b3mine.config import MiningConfig
 
-ALGORITHMS = ("metis", "igraph-louvain", "leiden", "louvain")
+ALGORITHMS = ("metis", "kaminpar", "igraph-louvain", "leiden", "louvain")
 
 
 def mixture(
@@ -130,6 +132,8 @@ def main() -> None:
     parser.add_argument("--remainder", choices=("drop", "fill"), default="drop")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--algorithms", nargs="+", choices=ALGORITHMS, default=list(ALGORITHMS))
+    parser.add_argument("--kaminpar-presets", nargs="+", default=["largek-fast"],
+                        help="one kaminpar line per preset")
     args = parser.parse_args()
 
     points, topic = mixture(args.n, args.dim, coarse=20, fine_size=50, seed=args.seed)
@@ -143,13 +147,16 @@ def main() -> None:
     print(json.dumps({**common, "algorithm": "random", **quality(points, topic, graph, baseline)}),
           flush=True)
     for algorithm in args.algorithms:
-        config = MiningConfig(
-            batch_size=args.cluster_size, cluster_size=args.cluster_size, algorithm=algorithm,
-            resolution=args.resolution, remainder=args.remainder, seed=args.seed,
-        )
-        clusters, stats = run_backend(graph, config)
-        print(json.dumps({**common, "algorithm": algorithm, **stats,
-                          **quality(points, topic, graph, clusters)}), flush=True)
+        presets = args.kaminpar_presets if algorithm == "kaminpar" else [None]
+        for preset in presets:
+            extra = {"kaminpar_preset": preset} if preset else {}
+            config = MiningConfig(
+                batch_size=args.cluster_size, cluster_size=args.cluster_size, algorithm=algorithm,
+                resolution=args.resolution, remainder=args.remainder, seed=args.seed, **extra,
+            )
+            clusters, stats = run_backend(graph, config)
+            print(json.dumps({**common, "algorithm": algorithm, **extra, **stats,
+                              **quality(points, topic, graph, clusters)}), flush=True)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 from distributed import Client, Future, as_completed
 
+from b3mine import storage
 from b3mine.config import EmbeddingSource, MiningConfig
 from b3mine.embeddings import Embeddings
 from b3mine.errors import B3MineError
@@ -41,7 +42,7 @@ from b3mine.plan import MANIFEST, BatchPlan, check_output_dir, plan_id_for
 from b3mine.progress import ProgressCallback
 from b3mine.writers import LOCK_SUFFIX, remove_orphans, writer_lock
 
-from pipelines import stages
+from pipelines import regions, stages
 from pipelines.checkpoints import PIPELINE_STAGES, ProgressFile, WorkDir, write_json
 from pipelines.cluster import connect
 
@@ -149,14 +150,19 @@ def run_job(
     retries: extra attempts of a task that raised (worker deaths are retried by Dask anyway).
     """
     config = MiningConfig.of(config)
-    src = _as_source(source)
+    # fsspec URLs: inputs are fetched to the cache ($B3MINE_CACHE: on a multi-host cluster, a
+    # path every worker sees); a URL output is staged locally and published when written.
+    src = storage.local_source(_as_source(source))
+    out, publish_to = storage.local_output(out)
     out = check_output_dir(out)
     job_id = job_id_for(src, config)
     record = out / ".work" / f"{job_id}.json"
     cached = _cached_plan(out, record)
     if cached is not None:
+        if publish_to:
+            storage.publish_plan(cached.path, publish_to)
         return JobResult(plan=cached, job_id=job_id,
-                         stages={s: "cached" for s in PIPELINE_STAGES})
+                         stages={s: "cached" for s in _stages(config)})
     if target_shards > 1 and config.neighbours.index != "flat":
         raise ValueError("target_shards > 1 needs the exact flat index (IVF/HNSW indexes are "
                          "built once over the whole corpus)")
@@ -180,6 +186,8 @@ def run_job(
             if not work.is_done("load"):  # a failed load leaves only sparse, unusable files
                 work.remove()
             raise
+    if publish_to:
+        storage.publish_plan(result.plan.path, publish_to)
     write_json(record, {"job_id": job_id, "state": "done", "stage": "write", "fraction": 1.0,
                         "plan_id": result.plan.plan_id, "plan": str(result.plan.path),
                         "stages": result.stages, "timings": result.timings,
@@ -187,6 +195,10 @@ def run_job(
     if not keep_work:
         work.remove()
     return result
+
+
+def _stages(config: MiningConfig) -> tuple[str, ...]:
+    return PIPELINE_STAGES if config.region_size is None else regions.REGION_STAGES
 
 
 def _cached_plan(out: Path, record: Path) -> BatchPlan | None:
@@ -290,9 +302,14 @@ class _Job:
             self.progress_file.finish("done", plan_id=plan_id)
             return JobResult(plan=BatchPlan.open(self.out / plan_id), job_id=self.job_id,
                              stages={**self.statuses, **{s: "cached" for s in
-                                                         PIPELINE_STAGES[1:]}})
+                                                         _stages(config)[1:]}})
         nb = self.stage("neighbours", lambda: self._neighbours(load, blocks_per_task,
                                                                target_shards))
+        if config.region_size is not None:  # region-parallel stages (pipelines/regions.py)
+            path, timings = regions.run(self, load, nb, report=report)
+            self.progress_file.finish("done", plan_id=plan_id)
+            return JobResult(plan=BatchPlan.open(path), job_id=self.job_id,
+                             stages=dict(self.statuses), timings=timings)
         graph = self.stage("graph", lambda: self.one(
             "graph", stages.graph_task, self.root, config, nb["parts"]))
         clusters = self.stage("clusters", lambda: self.one(

@@ -103,7 +103,7 @@ def create_app(settings: Settings | None = None, *,
     settings.plans.mkdir(parents=True, exist_ok=True)
     registry = JobRegistry(settings.db)
     store = PlanStore(settings.plans, settings.cache, epoch_cache=settings.epoch_cache,
-                      batch_cache=settings.batch_cache)
+                      batch_cache=settings.batch_cache, plans_url=settings.plans_url)
     metrics = Metrics(registry.counts, lambda: {
         "batch": (store.batches.hits, store.batches.misses)})
     runner = JobRunner(registry, settings, metrics, hook=progress_hook)

@@ -28,6 +28,7 @@ import orjson
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
+from b3mine import storage
 from b3mine.errors import PlanError
 from b3mine.plan import MANIFEST, BatchPlan
 
@@ -157,8 +158,10 @@ class PlanStore:
     """Opens plans under ``plans_dir`` and memory-maps their epochs via ``cache_dir``."""
 
     def __init__(self, plans_dir: Path, cache_dir: Path, *, epoch_cache: int = 8,
-                 batch_cache: int = 4096) -> None:
+                 batch_cache: int = 4096, plans_url: str | None = None) -> None:
         self.plans_dir, self.cache_dir = plans_dir, cache_dir
+        # published plans in object storage: served from a verified copy under cache_dir
+        self.plans_url = plans_url
         self._plans: dict[str, BatchPlan] = {}
         self._epochs: LRU[tuple[str, int], EpochView] = LRU(epoch_cache)
         self.batches: LRU[tuple, bytes] = LRU(batch_cache)
@@ -173,6 +176,10 @@ class PlanStore:
         if not _PLAN_ID.match(plan_id) or plan_id.startswith("."):
             raise ApiError(404, f"no plan {plan_id!r}", "path.plan_id")
         path = self.plans_dir / plan_id
+        if not (path / MANIFEST).is_file() and self.plans_url:
+            url = storage.remote_plan(self.plans_url, plan_id)
+            if url is not None:
+                path = storage.download_plan(url, self.cache_dir / "published")
         if not (path / MANIFEST).is_file():
             raise ApiError(404, f"no plan {plan_id!r}", "path.plan_id")
         try:
@@ -183,10 +190,12 @@ class PlanStore:
         return plan
 
     def plan_ids(self) -> list[str]:
-        if not self.plans_dir.is_dir():
-            return []
-        return sorted(p.name for p in self.plans_dir.iterdir()
-                      if not p.name.startswith(".") and (p / MANIFEST).is_file())
+        local = set()
+        if self.plans_dir.is_dir():
+            local = {p.name for p in self.plans_dir.iterdir()
+                     if not p.name.startswith(".") and (p / MANIFEST).is_file()}
+        remote = storage.list_plan_ids(self.plans_url) if self.plans_url else []
+        return sorted(local.union(remote))
 
     # -- epochs --------------------------------------------------------------------------------
     def check_epoch(self, plan: BatchPlan, epoch: int) -> None:

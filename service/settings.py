@@ -25,6 +25,9 @@ class Settings(BaseSettings):
                             "this directory; anything outside it is refused")
     plans_dir: Path | None = Field(None, description="where plans are written and served from "
                                    "(default: <data_root>/plans)")
+    plans_url: str | None = Field(None, description="also serve the plans published under this "
+                                  "fsspec URL (e.g. s3://bucket/plans; verified copies in "
+                                  "cache_dir)")
     db_path: Path | None = Field(None, description="SQLite job registry "
                                  "(default: <data_root>/jobs.sqlite)")
     cache_dir: Path | None = Field(None, description="memory-mappable Arrow copies of epochs "

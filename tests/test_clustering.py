@@ -20,8 +20,8 @@ from b3mine.clustering import (
 from b3mine.config import MiningConfig
 from b3mine.errors import InputError
 
-BACKENDS = ["metis", "louvain", "igraph-louvain", "leiden"]
-SEEDED = ["metis", "igraph-louvain", "leiden", "louvain"]
+BACKENDS = ["metis", "kaminpar", "louvain", "igraph-louvain", "leiden"]
+SEEDED = ["metis", "kaminpar", "igraph-louvain", "leiden", "louvain"]
 
 
 def config(algorithm: str, k: int, remainder: str = "drop", seed: int = 0) -> MiningConfig:
@@ -266,6 +266,46 @@ def test_same_seed_same_clusters(algorithm: str) -> None:
     assert np.array_equal(first.members, second.members)
     assert np.array_equal(first.padded, second.padded)
     assert first.communities == second.communities
+
+
+def test_kaminpar_gives_exact_sizes_without_repair() -> None:
+    # N a multiple of K: KaMinPar's blocks are capped at K, so every block is one cluster of
+    # exactly K and exact_size has nothing to pack or drop.
+    graph, _ = knn_graph(n=1024, topics=12, k=10, seed=4)
+    labels = find_communities(graph, config("kaminpar", 32))
+    assert np.bincount(labels).tolist() == [32] * 32
+    found = cluster(graph, config("kaminpar", 32))
+    check_invariants(found, 1024, 32, "drop")
+    assert found.members.shape == (32, 32) and found.dropped.size == 0
+    assert sorted(map(sorted, found.members.tolist())) == sorted(
+        sorted(np.flatnonzero(labels == c).tolist()) for c in range(32))
+
+
+def test_kaminpar_is_deterministic_across_processes_and_uses_the_seed() -> None:
+    import subprocess
+    import sys
+
+    graph, _ = knn_graph(n=600, topics=8, k=10, seed=5)
+    here = find_communities(graph, config("kaminpar", 16, seed=3))
+    script = (
+        "import sys, numpy as np, scipy.sparse as sp\n"
+        "from b3mine.clustering import find_communities\n"
+        "from b3mine.config import MiningConfig\n"
+        "g = sp.load_npz(sys.argv[1])\n"
+        "cfg = MiningConfig(batch_size=16, cluster_size=16, algorithm='kaminpar', seed=3)\n"
+        "np.save(sys.argv[2], find_communities(sp.csr_matrix(g), cfg))\n"
+    )
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        sp.save_npz(Path(tmp) / "g.npz", graph)
+        subprocess.run([sys.executable, "-c", script, str(Path(tmp) / "g.npz"),
+                        str(Path(tmp) / "labels.npy")], check=True)
+        there = np.load(Path(tmp) / "labels.npy")
+    assert np.array_equal(here, there)
+    other = find_communities(graph, config("kaminpar", 16, seed=4))
+    assert not np.array_equal(here, other)
 
 
 def test_negative_seed_is_refused_by_the_config() -> None:

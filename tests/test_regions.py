@@ -1,0 +1,194 @@
+"""Region-parallel mining (``MiningConfig.region_size``) on a real LocalCluster: a valid plan,
+deterministic for a seed, regions capped at S, resumable after a killed worker and after a
+killed client process."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("distributed")
+pytest.importorskip("faiss")
+
+from distributed import Client, LocalCluster
+
+from b3mine import regions as core
+from b3mine.config import MiningConfig, NegativesConfig, NeighbourConfig
+from b3mine.plan import BatchPlan
+from pipelines.checkpoints import WorkDir
+from pipelines.engine import DELAY_ENV, job_id_for, run_job
+
+pytestmark = pytest.mark.slow
+
+CONFIG = MiningConfig(batch_size=128, cluster_size=16, p=3, m=20, epochs=2, seed=7,
+                      region_size=500, negatives=NegativesConfig(mode="hnps", k=3),
+                      neighbours=NeighbourConfig(block_size=250))
+PLAN_FILES = ("clusters.parquet", "batches.parquet", "negatives.parquet")
+
+
+@pytest.fixture(scope="module")
+def client():
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address=":0") as cluster, Client(cluster) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def region_plan(tmp_path_factory, corpus_path, client):
+    out = tmp_path_factory.mktemp("regions")
+    return run_job(corpus_path, CONFIG, out, client=client, keep_work=True, report=False)
+
+
+def same_files(a: BatchPlan, b: BatchPlan) -> None:
+    assert a.plan_id == b.plan_id
+    for name in PLAN_FILES:
+        assert a.manifest.files[name] == b.manifest.files[name], name
+
+
+def test_region_plan_is_valid_and_covers_rows_once(region_plan, corpus_path):
+    plan = region_plan.plan
+    plan.validate()
+    assert region_plan.stages == {s: "ran" for s in ("load", "neighbours", "regions", "graph",
+                                                     "clusters", "batches", "write")}
+    c = plan.manifest.counts
+    clusters = plan.clusters_table()
+    rows = clusters.column("row").to_numpy()
+    # 2,000 rows in clusters of 16: 125 clusters, nobody dropped or repeated
+    assert c.n_clusters == 125 and c.remainder_dropped == 0 and np.unique(rows).size == 2000
+    assert c.batches_per_epoch == 125 // 8
+    # every region holds at most S rows, and clusters never mix regions (leftovers aside)
+    work = WorkDir(plan.path.parent / ".work" / region_plan.job_id)
+    region = np.load(work.path("regions/region.npy"))
+    assert np.bincount(region).max() <= CONFIG.region_size
+    per_cluster = region[rows.reshape(-1, 16)]
+    mixed = (per_cluster != per_cluster[:, :1]).any(axis=1)
+    graph = plan.manifest.stats["graph"]
+    assert mixed.sum() <= -(-graph["leftover_rows"] // 16)
+    assert 0 < graph["window_entries_in_region"] < 1 and graph["regions"] >= 4
+    # negatives: every clustered row has k=3 candidates, none of them in its own cluster
+    neg = plan.negatives_table()
+    assert neg.num_rows == 2000
+    cluster_of = dict(zip(rows.tolist(), clusters.column("cluster").to_pylist()))
+    for row, negs in zip(neg.column("row").to_pylist()[:200],
+                         neg.column("negative_rows").to_pylist()[:200]):
+        assert len(negs) == 3 and all(cluster_of[n] != cluster_of[row] for n in negs)
+
+
+def test_region_plan_is_deterministic(region_plan, corpus_path, tmp_path):
+    # a fresh cluster of another shape (one worker, two threads) gives the same plan
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True,
+                      dashboard_address=":0") as cluster, Client(cluster) as other:
+        again = run_job(corpus_path, CONFIG, tmp_path, client=other, report=False)
+    again.plan.validate()
+    same_files(region_plan.plan, again.plan)
+
+
+def test_worker_killed_during_region_tasks(region_plan, corpus_path, tmp_path, monkeypatch):
+    monkeypatch.setenv(DELAY_ENV, "0.5")  # each region task sleeps: time to kill a worker
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address=":0") as cluster, Client(cluster) as c:
+        victim = sorted(c.run(os.getpid).values())[0]
+        killed: list[float] = []
+
+        def kill_once(stage: str, fraction: float) -> None:
+            if stage == "clusters" and not killed:
+                os.kill(victim, signal.SIGKILL)
+                killed.append(fraction)
+
+        result = run_job(corpus_path, CONFIG, tmp_path, client=c, progress=kill_once,
+                         report=False)
+        assert killed and victim not in c.run(os.getpid).values()
+    result.plan.validate()
+    same_files(region_plan.plan, result.plan)
+
+
+CLIENT_SCRIPT = """
+import sys
+from pipelines.engine import run_job
+from tests.test_regions import CONFIG
+run_job(sys.argv[1], CONFIG, sys.argv[2], scheduler=sys.argv[3], report=False)
+"""
+
+
+def test_client_killed_then_resumed(region_plan, corpus_path, tmp_path, client):
+    """SIGKILL the process that drives the job once the graph stage is done; running the same
+    job again skips the finished stages and gives the same plan."""
+    env = {**os.environ, DELAY_ENV: "1.0"}  # region tasks take a second each
+    proc = subprocess.Popen([sys.executable, "-c", CLIENT_SCRIPT, str(corpus_path),
+                             str(tmp_path), client.scheduler.address], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    work = WorkDir(tmp_path / ".work" / job_id_for(corpus_path, CONFIG))
+    deadline = time.monotonic() + 120
+    while not work.is_done("graph") and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert work.is_done("graph"), "the client died or was too slow before the graph stage"
+    proc.kill()
+    proc.wait()
+    assert not work.is_done("write")
+    assert not any(p.name != ".work" for p in tmp_path.iterdir())  # no plan, not even partial
+    result = run_job(corpus_path, CONFIG, tmp_path, client=client, report=False)
+    for stage in ("load", "neighbours", "regions", "graph"):
+        assert result.stages[stage] == "skipped"
+    assert result.stages["write"] == "ran"
+    result.plan.validate()
+    same_files(region_plan.plan, result.plan)
+
+
+def test_in_process_engine_refuses_regions(tmp_path, corpus_path):
+    from b3mine.mining import mine
+
+    with pytest.raises(ValueError, match="Dask engine"):
+        mine(corpus_path, CONFIG, tmp_path)
+
+
+# -- the core algorithms, without Dask ------------------------------------------------------
+
+def test_final_regions_cap_and_order():
+    rng = np.random.default_rng(0)
+    n, r, cap = 1000, 3, 150
+    first = rng.choice(r, size=n, p=[0.7, 0.2, 0.1]).astype(np.int32)
+    second = ((first + 1 + rng.integers(0, r - 1, size=n)) % r).astype(np.int32)
+    blocks = [(0, 300), (300, 650), (650, 1000)]
+    counts = [np.bincount(first[a:b].astype(np.int64) * r + second[a:b],
+                          minlength=r * r).reshape(r, r) for a, b in blocks]
+    total = np.sum(counts, axis=0)
+    chunks, base = core.chunk_regions(total, cap)
+    sizes = total.sum(axis=1)
+    labels = np.concatenate([core.final_regions(first[a:b], second[a:b], off, sizes, chunks, base)
+                             for (a, b), off in zip(blocks, core.pair_offsets(counts))])
+    got = np.bincount(labels, minlength=int(chunks.sum()))
+    assert got.max() <= cap and got.sum() == n
+    # the same as one global sort by (coarse, second, row), cut into equal chunks
+    order = np.lexsort((np.arange(n), second, first))
+    expect = np.empty(n, np.int64)
+    for c in range(r):
+        rows = order[first[order] == c]
+        per = -(-len(rows) // chunks[c])
+        expect[rows] = base[c] + np.arange(len(rows)) // per
+    np.testing.assert_array_equal(labels, expect)
+
+
+def test_region_graph_is_the_induced_mutual_window_graph():
+    from b3mine.graph import window_graph
+
+    rng = np.random.default_rng(1)
+    window = rng.integers(-1, 60, size=(60, 8))
+    full = window_graph(window, mutual=True)
+    rows = np.sort(rng.choice(60, size=25, replace=False))
+    graph, cross = core.region_graph(rows, window[rows], mutual=True)
+    np.testing.assert_array_equal(graph.toarray(), full[rows][:, rows].toarray())
+    w = window[rows]
+    assert cross == int(((w >= 0) & ~np.isin(w, rows)).sum())
+
+
+def test_epoch_keys_permute_and_differ_by_epoch():
+    ids = np.arange(5000)
+    a, b = core.epoch_keys(3, 0, ids), core.epoch_keys(3, 1, ids)
+    assert np.unique(a).size == 5000
+    assert not np.array_equal(np.argsort(a), np.argsort(b))
+    np.testing.assert_array_equal(a, core.epoch_keys(3, 0, ids))
