@@ -44,17 +44,6 @@ def prepare(emb: Embeddings, config: MiningConfig) -> Embeddings:
     return emb.normalized() if config.normalize else emb
 
 
-def window_warning(n_rows: int, config: MiningConfig) -> str | None:
-    """A window [p, p+m) reaching past the ``n_rows`` ranks is cut short; say so, with the
-    share of the data it then spans (near 1: the batches are close to random)."""
-    if config.p + config.m <= n_rows:
-        return None
-    kept = n_rows - config.p
-    return (f"window [p, p+m) = [{config.p}, {config.p + config.m}) reaches past the "
-            f"{n_rows} ranks each row has: ranks [{config.p}, {n_rows}) are used, "
-            f"{100 * kept / n_rows:.0f}% of the rows; lower --m (at most {kept}) or --p")
-
-
 def compute_neighbours(emb: Embeddings, config: MiningConfig,
                        progress: ProgressCallback | None = None) -> Neighbours:
     return search(emb.queries, emb.target_matrix, config.rank_depth, config.neighbours, progress)
@@ -205,9 +194,6 @@ def finish_plan(
     timings = dict(timings or {})
     stats: dict[str, Any] = {"graph": _graph_stats(graph), "communities_found":
                              clustered.communities}
-    warning = window_warning(emb.n_rows, config)
-    if warning:
-        stats["warnings"] = [warning]
     extra: dict[str, bytes] = {}
     if report and batches.rows.size:
         with _timed(timings, "report"), stage_progress(progress, "report", 1):

@@ -48,6 +48,7 @@ RESULT_VERSION = 2
 # The distributions whose version can change a plan, per setting that uses them. numpy draws
 # every random choice (its Generator streams may change between releases).
 RESULT_LIBRARIES: dict[str, tuple[str, ...]] = {
+    "kaminpar": ("kaminpar",),
     "metis": ("pymetis",),
     "louvain": ("networkx", "python-louvain"),
     "igraph-louvain": ("igraph",),

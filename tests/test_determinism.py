@@ -158,7 +158,8 @@ def test_plan_id_covers_result_versions(monkeypatch):
     assert plan_module.plan_id_for("f" * 32, CONFIG) != before
     monkeypatch.undo()
     real = plan_module.result_versions(CONFIG)
-    assert "pymetis" in real and "numpy" in real
-    monkeypatch.setattr(plan_module, "result_versions", lambda c: {**real, "pymetis": "0.0"})
+    library = plan_module.RESULT_LIBRARIES[CONFIG.algorithm][0]
+    assert library in real and "numpy" in real
+    monkeypatch.setattr(plan_module, "result_versions", lambda c: {**real, library: "0.0"})
     assert plan_module.plan_id_for("f" * 32, CONFIG) != before
 
