@@ -45,7 +45,22 @@ def run_engine(engine: str, source: EmbeddingSource, config: MiningConfig, out: 
 
 @app.command()
 def mine(
-    embeddings: Annotated[Path, typer.Option(help="Parquet file/dir or .npy of teacher embeddings")],
+    embeddings: Annotated[Optional[Path], typer.Option(
+        help="Parquet file/dir or .npy of teacher embeddings (or --texts)")] = None,
+    texts: Annotated[Optional[Path], typer.Option(
+        help="text pairs (Parquet/JSONL/CSV/datasets folder): embedded first, then mined")] = None,
+    teacher: Annotated[Optional[str], typer.Option(
+        help="--texts: sentence-transformers model path or cached name (default: packaged "
+             "all-MiniLM-L6-v2)")] = None,
+    query_column: Annotated[str, typer.Option(help="--texts: query text column")] = "query",
+    target_column_text: Annotated[str, typer.Option(
+        "--text-target-column", help="--texts: target text column")] = "target",
+    query_prompt: Annotated[Optional[str], typer.Option(help="--texts: query prompt")] = None,
+    document_prompt: Annotated[Optional[str], typer.Option(
+        help="--texts: document prompt")] = None,
+    embeddings_out: Annotated[Optional[Path], typer.Option(
+        help="--texts: where the embeddings go (default <out>/.embeddings/<name>-<hash>.parquet)"
+    )] = None,
     out: Annotated[Path, typer.Option(help="directory that holds plans")] = Path("plans"),
     config_file: Annotated[Optional[Path], typer.Option("--config", help="JSON/TOML MiningConfig; "
                            "flags below override it")] = None,
@@ -89,20 +104,82 @@ def mine(
     data["neighbours"] = NeighbourConfig(**{**data["neighbours"], **nb}).model_dump()
     data["negatives"] = NegativesConfig(**{**data["negatives"], **ng}).model_dump()
     config = MiningConfig.model_validate(data)
-    source = EmbeddingSource(
-        path=str(embeddings), id_column=id_column, column=column, target_column=target_column,
-        target_path=str(target_path) if target_path else None,
-        ids_path=str(ids_path) if ids_path else None,
-    )
+    if (embeddings is None) == (texts is None):
+        raise typer.BadParameter("give exactly one of --embeddings and --texts")
     options = {k: v for k, v in dict(
         scheduler=scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS"), workers=workers).items()
         if v is not None} if engine != "local" else {}
     from b3mine.progress import RichProgress
 
     with RichProgress() as progress:
+        if texts is not None:
+            from b3mine.embed import EmbedOptions, default_output, embed
+            from b3mine.texts import TextSource
+
+            # --id-column keeps its default "id": use it when the texts have one, else derive.
+            text_source = TextSource(path=str(texts), query_column=query_column,
+                                     target_column=target_column_text,
+                                     id_column=None if id_column == "id" else id_column)
+            result = embed(text_source, embeddings_out or default_output(texts, out),
+                           teacher=teacher, progress=progress, options=EmbedOptions(
+                               query_prompt=query_prompt, document_prompt=document_prompt))
+            source = result.source
+        else:
+            source = EmbeddingSource(
+                path=str(embeddings), id_column=id_column, column=column,
+                target_column=target_column, target_path=str(target_path) if target_path else None,
+                ids_path=str(ids_path) if ids_path else None,
+            )
         plan = run_engine(engine, source, config, out, options, progress)
     console.print(f"[green]plan[/green] {plan.path}")
     print_report(plan.path)
+
+
+@app.command("embed")
+def embed_command(
+    texts: Annotated[Path, typer.Argument(help="Parquet / JSONL / CSV / TSV file, or a folder "
+                                               "saved with datasets' save_to_disk")],
+    out: Annotated[Path, typer.Option(help="output Parquet file of embeddings")],
+    teacher: Annotated[Optional[str], typer.Option(
+        help="sentence-transformers model: a local path or a name in the Hugging Face cache "
+             "(never downloaded); default the packaged all-MiniLM-L6-v2")] = None,
+    query_column: str = "query",
+    target_column: Annotated[str, typer.Option(help="target text column")] = "target",
+    single_corpus: Annotated[bool, typer.Option(help="no target column: embed one text per row"
+                                                )] = False,
+    id_column: Annotated[Optional[str], typer.Option(
+        help="id column (default: 'id' if present, else ids derived from the texts)")] = None,
+    split: Annotated[Optional[str], typer.Option(help="split of a saved DatasetDict")] = None,
+    query_prompt: Optional[str] = None,
+    document_prompt: Optional[str] = None,
+    max_seq_length: Optional[int] = None,
+    precision: Annotated[str, typer.Option(help="auto | float32 | float16 | bfloat16")] = "auto",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="texts per forward pass")] = 64,
+    shard_rows: Annotated[int, typer.Option(help="rows per resumable shard")] = 4096,
+    keep_texts: Annotated[bool, typer.Option(help="keep the texts in the output")] = True,
+    keep_shards: Annotated[bool, typer.Option(help="keep the shard files after assembly")] = False,
+) -> None:
+    """Embed text pairs with a teacher into a Parquet file that `b3mine mine` reads."""
+    from b3mine.embed import EmbedOptions, embed
+    from b3mine.progress import RichProgress
+    from b3mine.texts import TextSource
+
+    source = TextSource(path=str(texts), query_column=query_column,
+                        target_column=None if single_corpus else target_column,
+                        id_column=id_column, split=split)
+    options = EmbedOptions.model_validate(dict(
+        query_prompt=query_prompt, document_prompt=document_prompt, max_seq_length=max_seq_length,
+        precision=precision, device=device, batch_size=batch_size))
+    with RichProgress() as progress:
+        result = embed(source, out, teacher=teacher, options=options, shard_rows=shard_rows,
+                       keep_texts=keep_texts, keep_shards=keep_shards, progress=progress)
+    what = "unchanged, reused" if result.cached else (
+        f"{result.encoded} encoded, {result.resumed} resumed, {result.reused} reused")
+    console.print(f"[green]embeddings[/green] {result.path}: {result.n_rows:,} rows, dim "
+                  f"{result.dim}, {result.shards} shard(s) ({what})")
+    column = "query_embedding --target-column target_embedding" if result.paired else "embedding"
+    console.print(f"mine it: b3mine mine --embeddings {result.path} --column {column}")
 
 
 @app.command()
