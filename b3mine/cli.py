@@ -113,7 +113,7 @@ def mine(
 
     with RichProgress() as progress:
         if texts is not None:
-            from b3mine.embed import EmbedOptions, default_output, embed
+            from b3mine.teacher import EmbedOptions, default_output, embed
             from b3mine.texts import TextSource
 
             # --id-column keeps its default "id": use it when the texts have one, else derive.
@@ -161,7 +161,7 @@ def embed_command(
     keep_shards: Annotated[bool, typer.Option(help="keep the shard files after assembly")] = False,
 ) -> None:
     """Embed text pairs with a teacher into a Parquet file that `b3mine mine` reads."""
-    from b3mine.embed import EmbedOptions, embed
+    from b3mine.teacher import EmbedOptions, embed
     from b3mine.progress import RichProgress
     from b3mine.texts import TextSource
 

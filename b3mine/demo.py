@@ -240,8 +240,8 @@ def _all_pairs(packages: tuple[str, ...]) -> tuple[DocPair, ...]:
 
 def load_teacher() -> SentenceTransformer:
     """The packaged all-MiniLM-L6-v2 on CPU in float32, loaded from site-packages; never uses the
-    network (`b3mine.embed.load_teacher`, with the demo's fixed settings)."""
-    from b3mine.embed import load_teacher as load
+    network (`b3mine.teacher.load_teacher`, with the demo's fixed settings)."""
+    from b3mine.teacher import load_teacher as load
 
     # CPU and float32 always: the demo's cache key does not depend on the machine.
     return load(None, device="cpu", precision="float32", max_seq_length=MAX_SEQ_LENGTH)
@@ -255,7 +255,7 @@ def embed_corpus(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(query_emb, target_emb): float32 arrays of shape (len(pairs), 384), rows of unit L2 norm.
 
-    Encoded by `b3mine.embed.encode_pairs`, the same path ``b3mine embed`` takes.
+    Encoded by `b3mine.teacher.encode_pairs`, the same path ``b3mine embed`` takes.
 
     >>> q, t = embed_corpus(build_corpus(max_pairs=8), progress=False)   # doctest: +SKIP
     >>> q.shape, q.dtype                                                  # doctest: +SKIP
@@ -265,7 +265,7 @@ def embed_corpus(
     if n == 0:
         empty = np.zeros((0, EMBEDDING_DIM), np.float32)
         return empty, empty.copy()
-    from b3mine.embed import EmbedOptions, encode_pairs
+    from b3mine.teacher import EmbedOptions, encode_pairs
 
     model = load_teacher() if model is None else model
     bar = None
@@ -316,7 +316,7 @@ def cache_key(pairs: Sequence[DocPair]) -> str:
 
 
 def _table(pairs: Sequence[DocPair], q: np.ndarray, t: np.ndarray, key: str) -> pa.Table:
-    from b3mine.embed import embedding_table
+    from b3mine.teacher import embedding_table
 
     table = embedding_table(np.array([p.id for p in pairs], dtype=str), np.stack([q, t]),
                             [p.query for p in pairs], [p.target for p in pairs])
@@ -365,7 +365,7 @@ def demo_embeddings(
     >>> path.name                                      # doctest: +SKIP
     'demo-1000-3f2a9c0d1e2b4a5f6c7d.parquet'
     """
-    from b3mine.embed import write_atomic
+    from b3mine.teacher import write_atomic
 
     cache_dir = default_cache_dir() if cache_dir is None else Path(cache_dir)
     hint = cache_dir / f".sources-{_sources_fingerprint(packages, max_pairs)}"

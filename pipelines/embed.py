@@ -1,9 +1,9 @@
-"""Embedding on Dask: the core's `b3mine.embed` job with its shards spread over the workers.
+"""Embedding on Dask: the core's `b3mine.teacher` job with its shards spread over the workers.
 
 The job is planned in the caller (texts read, teacher hashed, finished shards found: nothing is
 loaded); each missing shard becomes one task that ships only that shard's texts. A worker loads
 the teacher once (cached per worker process) and writes the shard with the core's
-`b3mine.embed.encode_shard`, into the shard directory beside the output, so the directory
+`b3mine.teacher.encode_shard`, into the shard directory beside the output, so the directory
 must be shared with the workers (always true for a LocalCluster). The caller assembles the file.
 Resume, fingerprints and the output are the local ones: the same texts give the same file
 either way, and a run killed half-way resumes on either engine.
@@ -20,7 +20,7 @@ from typing import Any
 
 from distributed import Client, as_completed
 
-from b3mine.embed import (
+from b3mine.teacher import (
     DEFAULT_SHARD_ROWS,
     EmbedJob,
     EmbedOptions,
@@ -71,7 +71,7 @@ def embed(
     threads_per_worker: int | None = 1,
     **cluster: Any,
 ) -> EmbedResult:
-    """`b3mine.embed.embed` with one Dask task per missing shard (module doc)."""
+    """`b3mine.teacher.embed` with one Dask task per missing shard (module doc)."""
     job = EmbedJob.plan(texts, out, teacher=teacher, options=options, shard_rows=shard_rows,
                         keep_texts=keep_texts, keep_shards=keep_shards)
     if (cached := job.cached_result()) is not None:

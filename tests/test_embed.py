@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from b3mine import embed as embed_mod
-from b3mine.embed import EmbedOptions, embed, resolve_teacher
+from b3mine import teacher as embed_mod
+from b3mine.teacher import EmbedOptions, embed, resolve_teacher
 from b3mine.errors import InputError
 from b3mine.texts import TextSource, derive_ids, read_texts
 

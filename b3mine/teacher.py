@@ -30,7 +30,7 @@ teacher into a Parquet file that ``b3mine mine`` reads directly::
 Dask (``pipelines.embed.embed``) runs the same job: one model per worker, shards in parallel,
 each written by the same `encode_shard`.
 
->>> from b3mine.embed import embed                                     # doctest: +SKIP
+>>> from b3mine.teacher import embed                                     # doctest: +SKIP
 >>> result = embed("pairs.jsonl", "pairs.emb.parquet")                 # doctest: +SKIP
 >>> result.encoded, result.reused                                      # doctest: +SKIP
 (3, 0)
@@ -308,7 +308,7 @@ def embedding_source(path: str | Path, paired: bool) -> EmbeddingSource:
 
 
 def read_meta(path: Path) -> dict[str, Any] | None:
-    """The ``b3mine.embed`` metadata of an output file, or None (absent, unreadable, foreign)."""
+    """The ``b3mine.teacher`` metadata of an output file, or None (absent, unreadable, foreign)."""
     try:
         meta = pq.read_schema(path).metadata or {}
         return json.loads(meta[META_KEY]) if META_KEY in meta else None
