@@ -49,6 +49,8 @@ def mine(
         help="Parquet file/dir or .npy of teacher embeddings (or --texts)")] = None,
     texts: Annotated[Optional[Path], typer.Option(
         help="text pairs (Parquet/JSONL/CSV/datasets folder): embedded first, then mined")] = None,
+    mixture: Annotated[Optional[Path], typer.Option(
+        help="TOML/JSON list of datasets: one plan, every batch from one dataset")] = None,
     teacher: Annotated[Optional[str], typer.Option(
         help="--texts: sentence-transformers model path or cached name (default: packaged "
              "all-MiniLM-L6-v2)")] = None,
@@ -104,15 +106,20 @@ def mine(
     data["neighbours"] = NeighbourConfig(**{**data["neighbours"], **nb}).model_dump()
     data["negatives"] = NegativesConfig(**{**data["negatives"], **ng}).model_dump()
     config = MiningConfig.model_validate(data)
-    if (embeddings is None) == (texts is None):
-        raise typer.BadParameter("give exactly one of --embeddings and --texts")
+    if sum(x is not None for x in (embeddings, texts, mixture)) != 1:
+        raise typer.BadParameter("give exactly one of --embeddings, --texts and --mixture")
     options = {k: v for k, v in dict(
         scheduler=scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS"), workers=workers).items()
         if v is not None} if engine != "local" else {}
     from b3mine.progress import RichProgress
 
     with RichProgress() as progress:
-        if texts is not None:
+        source: Any
+        if mixture is not None:
+            from b3mine.mixture import Mixture
+
+            source = Mixture.from_file(mixture)
+        elif texts is not None:
             from b3mine.teacher import EmbedOptions, default_output, embed
             from b3mine.texts import TextSource
 
@@ -130,7 +137,12 @@ def mine(
                 target_column=target_column, target_path=str(target_path) if target_path else None,
                 ids_path=str(ids_path) if ids_path else None,
             )
-        plan = run_engine(engine, source, config, out, options, progress)
+        if mixture is not None and engine == "local":
+            from b3mine.mixture import mine_mixture
+
+            plan = mine_mixture(source, config, out, progress=progress)
+        else:
+            plan = run_engine(engine, source, config, out, options, progress)
     console.print(f"[green]plan[/green] {plan.path}")
     print_report(plan.path)
 
@@ -208,6 +220,9 @@ def print_report(plan_dir: Path) -> None:
               f"{'paired' if plan.manifest.dataset.paired else 'single corpus'})")
     t.add_row("config", f"{cfg.algorithm}, K={cfg.cluster_size}, B={cfg.batch_size}, "
               f"p={cfg.p}, m={cfg.m}, {cfg.graph} graph, index={cfg.neighbours.index}")
+    if (mix := plan.manifest.mixture) is not None:
+        t.add_row("datasets", f"rule {mix.rule}: " + ", ".join(
+            f"{d.name} {d.n_rows:,} rows x {d.batches_per_epoch} batches" for d in mix.datasets))
     t.add_row("graph", f"{c.n_edges:,} edges")
     t.add_row("clusters", f"{c.n_clusters:,} of {c.cluster_size} "
               f"(dropped {c.remainder_dropped}, padded {c.remainder_padded})")

@@ -27,6 +27,7 @@ from b3mine.neighbours import Neighbours, search
 from b3mine.plan import (
     BatchPlan,
     DatasetInfo,
+    MixtureInfo,
     PlanCounts,
     PlanTables,
     plan_id_for,
@@ -162,8 +163,14 @@ def finish_plan(
     timings: dict[str, float] | None = None,
     progress: ProgressCallback | None = None,
     report: bool = True,
+    mixture: MixtureInfo | None = None,
+    dataset_names: np.ndarray | None = None,
+    random_rows: np.ndarray | None = None,
 ) -> BatchPlan:
-    """Report, assemble and atomically write the plan (the last stage of every engine)."""
+    """Report, assemble and atomically write the plan (the last stage of every engine).
+
+    ``mixture``, ``dataset_names`` (the dataset of each row) and ``random_rows`` (the report's
+    baseline batches): from `b3mine.mixture`, for plans over several datasets."""
     timings = dict(timings or {})
     stats: dict[str, Any] = {"graph": degree_stats(graph), "communities_found":
                              clustered.communities}
@@ -171,7 +178,8 @@ def finish_plan(
     if report and batches.rows.size:
         with _timed(timings, "report"), stage_progress(progress, "report", 1):
             rep = quality_report(emb.queries, emb.target_matrix, batches.rows[0],
-                                 clustered.community_sizes, seed=config.seed)
+                                 clustered.community_sizes, seed=config.seed,
+                                 random_rows=random_rows)
             extra["report.json"] = report_json(rep).encode()
             extra["report.png"] = report_png(rep, title=(
                 f"{Path(emb.source).name}: {emb.n_rows:,} rows, {config.algorithm}, "
@@ -186,7 +194,8 @@ def finish_plan(
     c = clustered
     tables = PlanTables(ids=emb.ids, clusters=c.members, cluster_padded=c.padded,
                         batches=batches.rows, batch_cluster=batches.cluster,
-                        batch_padded=batches.padded, negatives=negatives, extra_files=extra)
+                        batch_padded=batches.padded, negatives=negatives, extra_files=extra,
+                        dataset_names=dataset_names)
     dataset = DatasetInfo(fingerprint=fingerprint, n_rows=emb.n_rows, dim=emb.dim,
                           paired=emb.paired,
                           id_type="int64" if emb.ids.dtype.kind in "iu" else "string",
@@ -194,4 +203,4 @@ def finish_plan(
     with stage_progress(progress, "write", 1):
         return write_plan(out, config=config, dataset=dataset,
                           counts=plan_counts(c, batches, graph, config), tables=tables,
-                          stats=stats, plan_id=plan_id_for(fingerprint, config))
+                          stats=stats, plan_id=plan_id_for(fingerprint, config), mixture=mixture)
