@@ -194,6 +194,33 @@ def embed_command(
     console.print(f"mine it: b3mine mine --embeddings {result.path} --column {column}")
 
 
+@app.command("export")
+def export_command(
+    plan_dir: Annotated[Path, typer.Argument(help="a plan directory")],
+    out: Annotated[Path, typer.Option(help="st: a folder (datasets save_to_disk); jsonl: a file")],
+    format: Annotated[str, typer.Option(help="st (anchor/positive/negative_i) | jsonl "
+                                             "(FlagEmbedding query/pos/neg)")] = "st",
+    texts: Annotated[Optional[Path], typer.Option(
+        help="the plan's texts, when its embeddings file holds none")] = None,
+    query_column: str = "query",
+    target_column: str = "target",
+    epoch: Annotated[Optional[list[int]], typer.Option(help="export these epochs (default "
+                                                            "all, in order)")] = None,
+    negatives: Annotated[Optional[int], typer.Option(
+        help="negatives per row (default: the plan's k); short lists filled in-batch")] = None,
+) -> None:
+    """Write a plan's rows, in plan order, as a sentence-transformers dataset or JSONL."""
+    from b3mine.export import export_plan
+    from b3mine.texts import TextSource
+
+    source = TextSource(path=str(texts), query_column=query_column,
+                        target_column=target_column) if texts else None
+    path = export_plan(plan_dir, out, format=format, texts=source, epochs=epoch or None,
+                       negatives=negatives)
+    console.print(f"[green]export[/green] {path} (rows in plan order; keep batches of the "
+                  "plan's batch_size unshuffled to keep its batch boundaries)")
+
+
 @app.command()
 def report(plan_dir: Annotated[Path, typer.Argument(help="a plan directory")],
            as_json: Annotated[bool, typer.Option("--json", help="print the JSON summary")] = False
