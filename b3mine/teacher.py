@@ -545,6 +545,11 @@ def _progress_of(job: EmbedJob, progress: ProgressCallback | None) -> Callable[[
     return advance
 
 
+#: Runs the missing shards of a job (another engine: ``pipelines.embed``); the default encodes
+#: them one after the other in this process.
+ShardRunner = Callable[[EmbedJob, list[Shard], "ProgressCallback | None"], None]
+
+
 def embed(
     texts: TextSource | TextPairs | str | Path,
     out: str | Path,
@@ -556,23 +561,28 @@ def embed(
     keep_texts: bool = True,
     keep_shards: bool = False,
     progress: ProgressCallback | None = None,
+    run_shards: ShardRunner | None = None,
 ) -> EmbedResult:
     """Embed ``texts`` with ``teacher`` into the Parquet file ``out`` (module doc).
 
     ``model``: an already loaded instance of ``teacher`` (the caller vouches that it is the
-    same model; the fingerprint is taken from ``teacher``'s files)."""
+    same model; the fingerprint is taken from ``teacher``'s files). ``run_shards``: encode the
+    missing shards elsewhere (each with `encode_shard` into ``job.shard_dir``)."""
     job = EmbedJob.plan(texts, out, teacher=teacher, options=options, shard_rows=shard_rows,
                         keep_texts=keep_texts, keep_shards=keep_shards)
     if (cached := job.cached_result()) is not None:
         return cached
     todo = job.todo
     if todo:
-        model = model if model is not None else job.load_model()
         job.shard_dir.mkdir(parents=True, exist_ok=True)
-        advance = _progress_of(job, progress)
         if progress is not None:
             progress("embed", 0.0)
-        for shard in todo:
-            encode_shard(model, job.shard_dir, shard.key, *job.texts_of(shard), job.options,
-                         advance)
+        if run_shards is not None:
+            run_shards(job, todo, progress)
+        else:
+            model = model if model is not None else job.load_model()
+            advance = _progress_of(job, progress)
+            for shard in todo:
+                encode_shard(model, job.shard_dir, shard.key, *job.texts_of(shard),
+                             job.options, advance)
     return job.finish(len(todo))

@@ -20,15 +20,9 @@ from typing import Any
 
 from distributed import Client, as_completed
 
-from b3mine.teacher import (
-    DEFAULT_SHARD_ROWS,
-    EmbedJob,
-    EmbedOptions,
-    EmbedResult,
-    encode_shard,
-    load_teacher,
-)
 from b3mine.progress import ProgressCallback
+from b3mine.teacher import EmbedJob, EmbedOptions, EmbedResult, Shard, encode_shard, load_teacher
+from b3mine.teacher import embed as core_embed
 from b3mine.texts import TextPairs, TextSource
 
 from pipelines.cluster import connect
@@ -59,28 +53,18 @@ def embed(
     texts: TextSource | TextPairs | str | Path,
     out: str | Path,
     *,
-    teacher: str | Path | None = None,
-    options: EmbedOptions | None = None,
-    shard_rows: int = DEFAULT_SHARD_ROWS,
-    keep_texts: bool = True,
-    keep_shards: bool = False,
-    progress: ProgressCallback | None = None,
     client: Client | None = None,
     scheduler: str | None = None,
     workers: int | None = None,
     threads_per_worker: int | None = 1,
-    **cluster: Any,
+    **options: Any,
 ) -> EmbedResult:
-    """`b3mine.teacher.embed` with one Dask task per missing shard (module doc)."""
-    job = EmbedJob.plan(texts, out, teacher=teacher, options=options, shard_rows=shard_rows,
-                        keep_texts=keep_texts, keep_shards=keep_shards)
-    if (cached := job.cached_result()) is not None:
-        return cached
-    todo = job.todo
-    if todo:
-        job.shard_dir.mkdir(parents=True, exist_ok=True)
+    """`b3mine.teacher.embed` (same ``options``) with one Dask task per missing shard (module
+    doc); the cluster is chosen as `pipelines.cluster.connect` does."""
+
+    def run_shards(job: EmbedJob, todo: list[Shard], progress: ProgressCallback | None) -> None:
         with connect(client=client, scheduler=scheduler, workers=workers,
-                     threads_per_worker=threads_per_worker, **cluster) as dask:
+                     threads_per_worker=threads_per_worker) as dask:
             futures = [dask.submit(embed_shard_task, str(job.model_dir), job.options,
                                    str(job.shard_dir), s.key, *job.texts_of(s), pure=False)
                        for s in todo]
@@ -93,4 +77,5 @@ def embed(
                 for fut in futures:
                     fut.cancel()
                 raise
-    return job.finish(len(todo))
+
+    return core_embed(texts, out, run_shards=run_shards, **options)

@@ -19,11 +19,9 @@ from typing import Any
 from distributed import Client
 
 from b3mine.config import MiningConfig
-from b3mine.embeddings import Embeddings
 from b3mine.mixture import Mixture, MixtureDataset, Part
 from b3mine.mixture import mine_mixture as core_mine_mixture
 from b3mine.plan import BatchPlan
-from b3mine.progress import ProgressCallback
 
 from pipelines.cluster import connect
 
@@ -33,16 +31,15 @@ def mine_mixture(
     config: MiningConfig | None = None,
     out: str | Path = "plans",
     *,
-    inputs: Sequence[Embeddings] | None = None,
-    progress: ProgressCallback | None = None,
-    report: bool = True,
     client: Client | None = None,
     scheduler: str | None = None,
     workers: int | None = None,
     threads_per_worker: int | None = None,
     retries: int = 1,
+    **options: Any,
 ) -> BatchPlan:
-    """`b3mine.mixture.mine_mixture` with one Dask task per dataset (module doc)."""
+    """`b3mine.mixture.mine_mixture` (same ``options``: inputs, progress, report) with one Dask
+    task per dataset (module doc)."""
     with connect(client=client, scheduler=scheduler, workers=workers,
                  threads_per_worker=threads_per_worker) as dask:
 
@@ -50,5 +47,4 @@ def mine_mixture(
             futures = [dask.submit(fn, *a, pure=False, retries=retries) for a in args]
             return dask.gather(futures)
 
-        return core_mine_mixture(mixture, config, out, inputs=inputs, progress=progress,
-                                 report=report, map_parts=map_parts)
+        return core_mine_mixture(mixture, config, out, map_parts=map_parts, **options)
