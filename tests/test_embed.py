@@ -207,3 +207,25 @@ def test_texts_to_plan_in_one_command(tmp_path: Path) -> None:
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 0, again.output
     assert source.stat().st_mtime_ns == mtime and len(list_plans(tmp_path / "plans")) == 1
+    # ... and the plan goes out as a sentence-transformers dataset, texts found via its source.
+    exported = CliRunner().invoke(app, ["export", str(plan.path), "--out", str(tmp_path / "st"),
+                                        "--epoch", "1"])
+    assert exported.exit_code == 0, exported.output
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.load_from_disk(str(tmp_path / "st"))
+    assert ds.column_names == ["anchor", "positive"] and len(ds) == plan.batches_per_epoch * 16
+    first = int(plan.batch_rows(1)[0][0])
+    assert ds[0]["anchor"] == pq.read_table(source).column("query_text")[first].as_py()
+
+
+def test_embed_command_reports_bad_columns_without_loading_a_model(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from b3mine.cli import app
+
+    texts = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(4))
+    result = CliRunner().invoke(app, ["embed", str(texts), "--out", str(tmp_path / "e.parquet"),
+                                      "--target-column", "answer"])
+    assert isinstance(result.exception, InputError)
+    assert "column 'answer': missing target column" in str(result.exception)
+    assert not (tmp_path / "e.parquet").exists()
