@@ -120,7 +120,7 @@ def resolve_teacher(teacher: str | Path | None) -> tuple[str, Path]:
     path = Path(text).expanduser()
     if path.is_dir():
         return text, path.resolve()
-    if path.exists() or text.startswith((".", "/", "~")) or os.sep + os.sep in text:
+    if path.exists() or text.startswith((".", "/", "~")):  # meant as a path, and not a folder
         raise InputError("teacher is not a model directory", file=text,
                          expected="a sentence-transformers model folder or a cached model name")
     names = [text] if "/" in text else [text, f"sentence-transformers/{text}"]
@@ -400,6 +400,9 @@ class EmbedJob:
         h = hashlib.sha256(f"b3mine-embed-file-v{FORMAT_VERSION}\0{self.keep_texts}\0".encode())
         for s in self.shards:
             h.update(f"{s.key}\0{s.stop - s.start}\0".encode())
+        ids = self.pairs.ids  # new ids for the same texts: the same vectors, a new file
+        h.update(ids.astype(np.int64).tobytes() if ids.dtype.kind in "iu"
+                 else "\0".join(ids.tolist()).encode())
         return h.hexdigest()[:20]
 
     @property
@@ -461,8 +464,7 @@ class EmbedJob:
         return job
 
     def load_model(self) -> SentenceTransformer:
-        return load_teacher(self.model_dir, device=self.options.device,
-                            precision=self.options.precision,
+        return load_teacher(self.model_dir, device=self.options.device, precision=self.precision,
                             max_seq_length=self.options.max_seq_length)
 
     def _vectors(self, shard: Shard, old: pq.ParquetFile | None) -> np.ndarray:

@@ -39,9 +39,10 @@ def worker_teacher(model_dir: str, device: str, precision: str, max_seq_length: 
                         max_seq_length=max_seq_length)
 
 
-def embed_shard_task(model_dir: str, options: EmbedOptions, shard_dir: str, key: str,
-                     queries: list[str], targets: list[str] | None) -> str:
-    model = worker_teacher(model_dir, options.device, options.precision, options.max_seq_length)
+def embed_shard_task(model_dir: str, precision: str, options: EmbedOptions, shard_dir: str,
+                     key: str, queries: list[str], targets: list[str] | None) -> str:
+    # ``precision`` as the caller resolved it: it is part of the shard keys
+    model = worker_teacher(model_dir, options.device, precision, options.max_seq_length)
     return encode_shard(model, shard_dir, key, queries, targets, options)
 
 
@@ -65,8 +66,9 @@ def embed(
     def run_shards(job: EmbedJob, todo: list[Shard], progress: ProgressCallback | None) -> None:
         with connect(client=client, scheduler=scheduler, workers=workers,
                      threads_per_worker=threads_per_worker) as dask:
-            futures = [dask.submit(embed_shard_task, str(job.model_dir), job.options,
-                                   str(job.shard_dir), s.key, *job.texts_of(s), pure=False)
+            futures = [dask.submit(embed_shard_task, str(job.model_dir), job.precision,
+                                   job.options, str(job.shard_dir), s.key, *job.texts_of(s),
+                                   pure=False)
                        for s in todo]
             try:
                 for done, fut in enumerate(as_completed(futures), 1):

@@ -229,3 +229,16 @@ def test_embed_command_reports_bad_columns_without_loading_a_model(tmp_path: Pat
     assert isinstance(result.exception, InputError)
     assert "column 'answer': missing target column" in str(result.exception)
     assert not (tmp_path / "e.parquet").exists()
+
+
+def test_new_ids_for_the_same_texts_rewrite_the_file_without_encoding(
+        tmp_path: Path, teacher, monkeypatch: pytest.MonkeyPatch) -> None:
+    rows = pair_rows(10)
+    texts = write_jsonl(tmp_path / "p.jsonl", rows)
+    out = tmp_path / "p.parquet"
+    embed(texts, out, model=teacher, shard_rows=4)
+    calls = _count_encoded(monkeypatch)
+    write_jsonl(texts, [{"id": f"pair-{i}", **r} for i, r in enumerate(rows)])
+    result = embed(texts, out, model=teacher, shard_rows=4)
+    assert not result.cached and calls == [] and result.reused == 3
+    assert pq.read_table(out).column("id").to_pylist() == [f"pair-{i}" for i in range(10)]
