@@ -198,8 +198,10 @@ def _sequential(fn: Callable[..., Part], args: list[tuple[Any, ...]]) -> list[Pa
 
 def _resolve(mixture: Mixture, out: Path, progress: ProgressCallback | None
              ) -> list[Embeddings | EmbeddingSource]:
-    """Each dataset's embeddings: given, or its texts embedded (cached under ``out``)."""
+    """Each dataset's embeddings: given, or its texts embedded (cached under ``out``, the
+    teacher loaded once, and only when some dataset has texts left to encode)."""
     sources: list[Embeddings | EmbeddingSource] = []
+    model = None
     for ds in mixture.datasets:
         if ds.embeddings is not None:
             sources.append(ds.embeddings)
@@ -207,11 +209,14 @@ def _resolve(mixture: Mixture, out: Path, progress: ProgressCallback | None
         if ds.texts is None:
             raise InputError(f"dataset {ds.name!r} names no embeddings or texts "
                              "(in-memory datasets need inputs=)")
-        from b3mine.teacher import default_output, embed
+        from b3mine.teacher import EmbedJob, default_output, embed
 
-        result = embed(ds.texts, default_output(ds.texts.path, out), teacher=mixture.teacher,
-                       progress=progress)
-        sources.append(result.source)
+        target = default_output(ds.texts.path, out)
+        if model is None and (job := EmbedJob.plan(ds.texts, target,
+                                                   teacher=mixture.teacher)).todo:
+            model = job.load_model()
+        sources.append(embed(ds.texts, target, teacher=mixture.teacher, model=model,
+                             progress=progress).source)
     return sources
 
 

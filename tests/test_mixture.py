@@ -191,22 +191,24 @@ def test_sentence_transformers_trains_on_a_mixture_plan(tmp_path) -> None:
                                        SentenceTransformerTrainingArguments)
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
-    from b3mine.teacher import embed, load_teacher
+    from b3mine.teacher import load_teacher
     from b3mine.texts import TextSource
     from tests.test_embed import write_jsonl
     from trainers.sentence_transformers import PlanSTBatchSampler
 
-    model = load_teacher(None, device="cpu")
     sizes = {"faq": 16, "wiki": 32, "news": 48}
-    parts, inputs, train_rows = [], [], []
+    parts, train_rows = [], []
     for name, n in sizes.items():
         rows = text_rows(name, n)
         path = write_jsonl(tmp_path / f"{name}.jsonl", rows)
-        result = embed(TextSource(path=str(path)), tmp_path / f"{name}.parquet", model=model)
-        parts.append(MixtureDataset(name=name, embeddings=result.source))
+        # texts: embedded by the mixture itself with the packaged teacher
+        parts.append(MixtureDataset(name=name, texts=TextSource(path=str(path))))
         train_rows += rows  # the training set: the datasets concatenated in mixture order
     plan = mine_mixture(parts, MiningConfig(batch_size=16, cluster_size=8, p=1, m=8),
                         tmp_path / "plans")
+    assert all(Path(d.source).parent == tmp_path / "plans" / ".embeddings"
+               for d in plan.manifest.mixture.datasets)
+    model = load_teacher(None, device="cpu")
     check = plan.manifest.mixture
     assert [d.batches_per_epoch for d in check.datasets] == [1, 2, 3]
     train = datasets_lib.Dataset.from_list(train_rows).rename_columns(
