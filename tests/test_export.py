@@ -12,7 +12,6 @@ from b3mine.config import MiningConfig, NegativesConfig
 from b3mine.errors import InputError
 from b3mine.export import export_plan
 from b3mine.mining import mine
-from b3mine.plan import BatchPlan
 
 from tests.test_embed import pair_rows, write_jsonl
 

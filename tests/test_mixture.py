@@ -167,7 +167,12 @@ def test_dask_mines_each_dataset_in_its_own_task_to_the_same_plan(tmp_path, inpu
                       dashboard_address=":0") as cluster, Client(cluster) as client:
         remote = dask_mine_mixture(datasets(), CONFIG, tmp_path / "dask", inputs=inputs,
                                    client=client)
-    assert remote.plan_id == local.plan_id
+        # `--engine dask` reaches the same function through the engine's entry point
+        from pipelines.engine import mine as engine_mine
+
+        via_engine = engine_mine(Mixture(datasets=datasets()), CONFIG, tmp_path / "engine",
+                                 inputs=inputs, client=client)
+    assert remote.plan_id == local.plan_id == via_engine.plan_id
     for e in range(CONFIG.epochs):
         np.testing.assert_array_equal(remote.batch_rows(e), local.batch_rows(e))
     assert remote.manifest.files["clusters.parquet"] == local.manifest.files["clusters.parquet"]
