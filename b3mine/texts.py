@@ -108,12 +108,16 @@ def read_table(source: TextSource) -> pa.Table:
         if fmt == "jsonl":
             import pyarrow.json as pj
 
-            return pj.read_json(path)
+            # blocks of 16 MiB: a line longer than a block cannot be parsed
+            return pj.read_json(path, read_options=pj.ReadOptions(block_size=16 << 20))
         if fmt in ("csv", "tsv"):
             import pyarrow.csv as pc
 
+            # text columns stay text even when a column happens to hold only numbers
+            texts = [c for c in (source.query_column, source.target_column) if c]
             return pc.read_csv(path, parse_options=pc.ParseOptions(
-                delimiter="\t" if fmt == "tsv" else ","))
+                delimiter="\t" if fmt == "tsv" else ","), convert_options=pc.ConvertOptions(
+                column_types={c: pa.string() for c in texts}))
         return _read_datasets(path, source.split)
     except (pa.ArrowInvalid, OSError) as exc:
         raise InputError(f"not a readable {fmt} file: {str(exc).splitlines()[0]}",

@@ -57,6 +57,11 @@ def test_every_format_reads_the_same_pairs(tmp_path: Path) -> None:
         assert pairs.ids.tolist() == [f"r{i}" for i in range(12)], name
 
 
+def test_csv_text_columns_stay_text(tmp_path: Path) -> None:
+    (tmp_path / "n.csv").write_text("query,target\n12,34\nwhat,that\n")
+    assert read_texts(tmp_path / "n.csv").queries == ["12", "what"]
+
+
 def test_columns_are_configurable_and_ids_derived_stably(tmp_path: Path) -> None:
     rows = [{"anchor": r["query"], "positive": r["target"]} for r in pair_rows(6)]
     rows.append(dict(rows[0]))  # an exact repeat
