@@ -207,7 +207,8 @@ def export_command(
     epoch: Annotated[Optional[list[int]], typer.Option(help="export these epochs (default "
                                                             "all, in order)")] = None,
     negatives: Annotated[Optional[int], typer.Option(
-        help="negatives per row (default: the plan's k); short lists filled in-batch")] = None,
+        "--k-neg", help="negatives per row (default: the plan's k); short lists filled "
+                        "in-batch")] = None,
 ) -> None:
     """Write a plan's rows, in plan order, as a sentence-transformers dataset or JSONL."""
     from b3mine.export import export_plan

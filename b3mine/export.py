@@ -130,7 +130,7 @@ def _negatives(plan: BatchPlan, rows: np.ndarray, k: int) -> np.ndarray:
                 chosen.append(other)
         if not chosen:
             raise InputError(f"row {int(rows[i])} has no negative and its batch no other row",
-                             expected="batch_size >= 2 or --negatives 0")
+                             expected="batch_size >= 2 or --k-neg 0")
         out[i] = (chosen * k)[:k]  # a batch too small for k distinct others: repeat
     return out
 
