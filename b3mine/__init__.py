@@ -21,6 +21,7 @@ __all__ = [
     "NegativesConfig",
     "NeighbourConfig",
     "PlanError",
+    "embed",
     "list_plans",
     "load_embeddings",
     "mine",
@@ -33,6 +34,10 @@ def __getattr__(name: str):
         from b3mine.mining import mine
 
         return mine
+    if name == "embed":  # texts -> teacher embeddings (b3mine.teacher); needs b3mine[embed]
+        from b3mine.teacher import embed
+
+        return embed
     if name == "load_embeddings":
         from b3mine.embeddings import load_embeddings
 

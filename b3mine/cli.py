@@ -55,7 +55,24 @@ def _default(text: str, field: str) -> str:
 
 @app.command()
 def mine(
-    embeddings: Annotated[Path, typer.Option(help="Parquet file/dir or .npy of teacher embeddings")],
+    embeddings: Annotated[Optional[Path], typer.Option(
+        help="Parquet file/dir or .npy of teacher embeddings (or --texts)")] = None,
+    texts: Annotated[Optional[Path], typer.Option(
+        help="text pairs (Parquet/JSONL/CSV/datasets folder): embedded first, then mined")] = None,
+    mixture: Annotated[Optional[Path], typer.Option(
+        help="TOML/JSON list of datasets: one plan, every batch from one dataset")] = None,
+    teacher: Annotated[Optional[str], typer.Option(
+        help="--texts: sentence-transformers model path or cached name (default: packaged "
+             "all-MiniLM-L6-v2)")] = None,
+    query_column: Annotated[str, typer.Option(help="--texts: query text column")] = "query",
+    target_column_text: Annotated[str, typer.Option(
+        "--text-target-column", help="--texts: target text column")] = "target",
+    query_prompt: Annotated[Optional[str], typer.Option(help="--texts: query prompt")] = None,
+    document_prompt: Annotated[Optional[str], typer.Option(
+        help="--texts: document prompt")] = None,
+    embeddings_out: Annotated[Optional[Path], typer.Option(
+        help="--texts: where the embeddings go (default <out>/.embeddings/<name>-<hash>.parquet)"
+    )] = None,
     out: Annotated[Path, typer.Option(help="directory that holds plans")] = Path("plans"),
     config_file: Annotated[Optional[Path], typer.Option(
         "--config", exists=True, dir_okay=False,
@@ -112,20 +129,120 @@ def mine(
     data["neighbours"].update(nb)
     data["negatives"].update(ng)
     config = MiningConfig.model_validate(data)  # one validation: errors name the whole path
-    source = EmbeddingSource(
-        path=str(embeddings), id_column=id_column, column=column, target_column=target_column,
-        target_path=str(target_path) if target_path else None,
-        ids_path=str(ids_path) if ids_path else None,
-    )
+    if sum(x is not None for x in (embeddings, texts, mixture)) != 1:
+        raise typer.BadParameter("give exactly one of --embeddings, --texts and --mixture")
     options = {k: v for k, v in dict(
         scheduler=scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS"), workers=workers).items()
         if v is not None} if engine != "local" else {}
     from b3mine.progress import RichProgress
 
     with RichProgress() as progress:
-        plan = run_engine(engine, source, config, out, options, progress)
+        source: Any
+        if mixture is not None:
+            from b3mine.mixture import Mixture
+
+            source = Mixture.from_file(mixture)
+        elif texts is not None:
+            from b3mine.teacher import EmbedOptions, default_output, embed
+            from b3mine.texts import TextSource
+
+            # --id-column keeps its default "id": use it when the texts have one, else derive.
+            text_source = TextSource(path=str(texts), query_column=query_column,
+                                     target_column=target_column_text,
+                                     id_column=None if id_column == "id" else id_column)
+            result = embed(text_source, embeddings_out or default_output(texts, out),
+                           teacher=teacher, progress=progress, options=EmbedOptions(
+                               query_prompt=query_prompt, document_prompt=document_prompt))
+            source = result.source
+        else:
+            source = EmbeddingSource(
+                path=str(embeddings), id_column=id_column, column=column,
+                target_column=target_column, target_path=str(target_path) if target_path else None,
+                ids_path=str(ids_path) if ids_path else None,
+            )
+        if mixture is not None and engine == "local":
+            from b3mine.mixture import mine_mixture
+
+            plan = mine_mixture(source, config, out, progress=progress)
+        else:
+            plan = run_engine(engine, source, config, out, options, progress)
     console.print(f"[green]plan[/green] {plan.path}")
     print_report(plan.path)
+
+
+@app.command("embed")
+def embed_command(
+    texts: Annotated[Path, typer.Argument(help="Parquet / JSONL / CSV / TSV file, or a folder "
+                                               "saved with datasets' save_to_disk")],
+    out: Annotated[Path, typer.Option(help="output Parquet file of embeddings")],
+    teacher: Annotated[Optional[str], typer.Option(
+        help="sentence-transformers model: a local path or a name in the Hugging Face cache "
+             "(never downloaded); default the packaged all-MiniLM-L6-v2")] = None,
+    query_column: str = "query",
+    target_column: Annotated[str, typer.Option(help="target text column")] = "target",
+    single_corpus: Annotated[bool, typer.Option(help="no target column: embed one text per row"
+                                                )] = False,
+    id_column: Annotated[Optional[str], typer.Option(
+        help="id column (default: 'id' if present, else ids derived from the texts)")] = None,
+    split: Annotated[Optional[str], typer.Option(help="split of a saved DatasetDict")] = None,
+    query_prompt: Optional[str] = None,
+    document_prompt: Optional[str] = None,
+    max_seq_length: Optional[int] = None,
+    precision: Annotated[str, typer.Option(help="auto | float32 | float16 | bfloat16")] = "auto",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="texts per forward pass")] = 64,
+    shard_rows: Annotated[int, typer.Option(help="rows per resumable shard")] = 4096,
+    keep_texts: Annotated[bool, typer.Option(help="keep the texts in the output")] = True,
+    keep_shards: Annotated[bool, typer.Option(help="keep the shard files after assembly")] = False,
+) -> None:
+    """Embed text pairs with a teacher into a Parquet file that `b3mine mine` reads."""
+    from b3mine.teacher import EmbedOptions, embed
+    from b3mine.progress import RichProgress
+    from b3mine.texts import TextSource
+
+    source = TextSource(path=str(texts), query_column=query_column,
+                        target_column=None if single_corpus else target_column,
+                        id_column=id_column, split=split)
+    options = EmbedOptions.model_validate(dict(
+        query_prompt=query_prompt, document_prompt=document_prompt, max_seq_length=max_seq_length,
+        precision=precision, device=device, batch_size=batch_size))
+    with RichProgress() as progress:
+        result = embed(source, out, teacher=teacher, options=options, shard_rows=shard_rows,
+                       keep_texts=keep_texts, keep_shards=keep_shards, progress=progress)
+    what = "unchanged, reused" if result.cached else (
+        f"{result.encoded} encoded, {result.resumed} resumed, {result.reused} reused")
+    console.print(f"[green]embeddings[/green] {result.path}: {result.n_rows:,} rows, dim "
+                  f"{result.dim}, {result.shards} shard(s) ({what})")
+    column = "query_embedding --target-column target_embedding" if result.paired else "embedding"
+    console.print(f"mine it: b3mine mine --embeddings {result.path} --column {column}")
+
+
+@app.command("export")
+def export_command(
+    plan_dir: Annotated[Path, typer.Argument(help="a plan directory")],
+    out: Annotated[Path, typer.Option(help="st: a folder (datasets save_to_disk); jsonl: a file")],
+    format: Annotated[str, typer.Option(help="st (anchor/positive/negative_i) | jsonl "
+                                             "(FlagEmbedding query/pos/neg)")] = "st",
+    texts: Annotated[Optional[Path], typer.Option(
+        help="the plan's texts, when its embeddings file holds none")] = None,
+    query_column: str = "query",
+    target_column: str = "target",
+    epoch: Annotated[Optional[list[int]], typer.Option(help="export these epochs (default "
+                                                            "all, in order)")] = None,
+    negatives: Annotated[Optional[int], typer.Option(
+        "--k-neg", help="negatives per row (default: the plan's k); short lists filled "
+                        "in-batch")] = None,
+) -> None:
+    """Write a plan's rows, in plan order, as a sentence-transformers dataset or JSONL."""
+    from b3mine.export import export_plan
+    from b3mine.texts import TextSource
+
+    source = TextSource(path=str(texts), query_column=query_column,
+                        target_column=target_column) if texts else None
+    path = export_plan(plan_dir, out, format=format, texts=source, epochs=epoch or None,
+                       negatives=negatives)
+    console.print(f"[green]export[/green] {path} (rows in plan order; keep batches of the "
+                  "plan's batch_size unshuffled to keep its batch boundaries)")
 
 
 @app.command()
@@ -161,6 +278,9 @@ def print_report(plan_dir: Path) -> None:
     t.add_row("config", f"{cfg.algorithm}, K={cfg.cluster_size}, B={cfg.batch_size}, "
               f"p={cfg.p}, m={cfg.m}, {cfg.graph} graph, {cfg.batch_grouping} grouping, "
               f"index={cfg.neighbours.index}{negatives}")
+    if (mix := plan.manifest.mixture) is not None:
+        t.add_row("datasets", f"rule {mix.rule}: " + ", ".join(
+            f"{d.name} {d.n_rows:,} rows x {d.batches_per_epoch} batches" for d in mix.datasets))
     t.add_row("graph", f"{c.n_edges:,} edges")
     t.add_row("clusters", f"{c.n_clusters:,} of {c.cluster_size} "
               f"(dropped {c.remainder_dropped}, padded {c.remainder_padded})")

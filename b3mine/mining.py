@@ -27,6 +27,7 @@ from b3mine.neighbours import Neighbours, search
 from b3mine.plan import (
     BatchPlan,
     DatasetInfo,
+    MixtureInfo,
     PlanCounts,
     PlanTables,
     check_output_dir,
@@ -183,6 +184,9 @@ def finish_plan(
     progress: ProgressCallback | None = None,
     report: bool = True,
     skipped_stages: list[str] | None = None,
+    mixture: MixtureInfo | None = None,
+    dataset_names: np.ndarray | None = None,
+    random_rows: np.ndarray | None = None,
 ) -> BatchPlan:
     """Report, assemble and atomically write the plan (the last stage of every engine).
 
@@ -190,6 +194,8 @@ def finish_plan(
     engine that checkpoints (Dask) took from an earlier, interrupted run of the same job.
     ``graph`` is the window graph, or (region-parallel runs, which never build it whole) its
     ``degree_stats`` summary plus any extra fields to record under ``stats["graph"]``.
+    ``mixture``, ``dataset_names`` (the dataset of each row) and ``random_rows`` (the report's
+    baseline batches): from `b3mine.mixture`, for plans over several datasets.
     """
     timings = dict(timings or {})
     stats: dict[str, Any] = {"graph": _graph_stats(graph), "communities_found":
@@ -198,7 +204,8 @@ def finish_plan(
     if report and batches.rows.size:
         with _timed(timings, "report"), stage_progress(progress, "report", 1):
             rep = quality_report(emb.queries, emb.target_matrix, batches.rows[0],
-                                 clustered.community_sizes, seed=config.seed)
+                                 clustered.community_sizes, seed=config.seed,
+                                 random_rows=random_rows)
             extra["report.json"] = report_json(rep).encode()
             extra["report.png"] = report_png(rep, title=(
                 f"{Path(emb.source).name}: {emb.n_rows:,} rows, {config.algorithm}, "
@@ -215,7 +222,8 @@ def finish_plan(
     c = clustered
     tables = PlanTables(ids=emb.ids, clusters=c.members, cluster_padded=c.padded,
                         batches=batches.rows, batch_cluster=batches.cluster,
-                        batch_padded=batches.padded, negatives=negatives, extra_files=extra)
+                        batch_padded=batches.padded, negatives=negatives, extra_files=extra,
+                        dataset_names=dataset_names)
     dataset = DatasetInfo(fingerprint=fingerprint, n_rows=emb.n_rows, dim=emb.dim,
                           paired=emb.paired,
                           id_type="int64" if emb.ids.dtype.kind in "iu" else "string",
@@ -223,4 +231,4 @@ def finish_plan(
     with stage_progress(progress, "write", 1):
         return write_plan(out, config=config, dataset=dataset,
                           counts=plan_counts(c, batches, graph, config), tables=tables,
-                          stats=stats, plan_id=plan_id_for(fingerprint, config))
+                          stats=stats, plan_id=plan_id_for(fingerprint, config), mixture=mixture)

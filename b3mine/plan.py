@@ -8,6 +8,11 @@ Layout of ``<root>/<plan_id>/``::
                        padded:bool                                       (one row group per epoch)
     negatives.parquet  row:int64, id, negative_rows:list<int64>, negative_ids:list<id>
                                                                          (only with extra negatives)
+
+A mixture plan (`b3mine.mixture`) adds ``dataset:string`` to clusters.parquet and
+batches.parquet (the dataset of each row; every cluster and every batch holds one dataset) and
+``mixture`` to the manifest (the rule and the datasets, with the range of rows of each); plans
+without them read as before.
     report.json/.png   quality report (hardness vs random batches), when computed
 
 Every batch holds exactly ``batch_size`` rows; ``row`` indexes the embeddings/dataset the plan was
@@ -116,6 +121,34 @@ class PlanCounts(BaseModel):
     extra_negatives: int = 0  # per example; 0 when the plan has no negatives table
 
 
+class MixturePart(BaseModel):
+    """One dataset of a mixture plan: its rows are ``[offset, offset + n_rows)``."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    offset: int
+    n_rows: int
+    fingerprint: str
+    source: str | None = None
+    weight: float | None = None
+    p: int
+    m: int
+    batches_per_epoch: int  # this dataset's batches in every epoch of the plan
+
+
+class MixtureInfo(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    rule: str  # "size" or "weights" (b3mine.mixture)
+    datasets: list[MixturePart]
+
+    def dataset_of_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Index (into ``datasets``) of the dataset each row belongs to."""
+        starts = np.array([d.offset for d in self.datasets], dtype=np.int64)
+        return np.searchsorted(starts, np.asarray(rows, dtype=np.int64), side="right") - 1
+
+
 class PlanManifest(BaseModel):
     model_config = ConfigDict(frozen=True)
 
@@ -129,6 +162,7 @@ class PlanManifest(BaseModel):
     versions: dict[str, str] = {}
     files: dict[str, str] = {}  # file name -> sha256
     file_sizes: dict[str, int] = {}  # file name -> bytes (object-store readers check these)
+    mixture: MixtureInfo | None = None  # only in mixture plans
 
 
 @dataclass(frozen=True)
@@ -138,6 +172,7 @@ class PlanTables:
     clusters: (C, K) int64 rows; cluster_padded: (C, K) bool.
     batches: (E, nb, B) int64 rows; batch_cluster: (E, nb, B) int32; batch_padded: (E, nb, B) bool.
     negatives: (N, k) int64 rows per dataset row (-1 = none), or None.
+    dataset_names: a mixture's dataset of each row (N,) as names, or None (one dataset).
     """
 
     ids: np.ndarray
@@ -148,6 +183,7 @@ class PlanTables:
     batch_padded: np.ndarray
     negatives: np.ndarray | None = None
     extra_files: dict[str, bytes] = field(default_factory=dict)
+    dataset_names: np.ndarray | None = None
 
 
 def check_output_dir(root: str | Path) -> Path:
@@ -197,19 +233,26 @@ def library_versions() -> dict[str, str]:
     return out
 
 
+def _with_dataset(table: pa.Table, tables: PlanTables, rows: np.ndarray) -> pa.Table:
+    if tables.dataset_names is None:
+        return table
+    return table.append_column("dataset", pa.array(tables.dataset_names[rows].tolist(),
+                                                   pa.string()))
+
+
 def _write_tables(tmp: Path, tables: PlanTables) -> None:
     ids = tables.ids
     c_rows = tables.clusters.reshape(-1)
     n_clusters, k = tables.clusters.shape
     pq.write_table(
-        pa.table(
+        _with_dataset(pa.table(
             {
                 "cluster": pa.array(np.repeat(np.arange(n_clusters, dtype=np.int32), k)),
                 "row": pa.array(c_rows.astype(np.int64)),
                 "id": _ids_array(ids[c_rows]),
                 "padded": pa.array(tables.cluster_padded.reshape(-1)),
             }
-        ),
+        ), tables, c_rows),
         tmp / CLUSTERS, write_page_checksum=True,
     )
     epochs, n_batches, batch_size = tables.batches.shape
@@ -219,7 +262,7 @@ def _write_tables(tmp: Path, tables: PlanTables) -> None:
     try:
         for e in range(epochs):
             rows = tables.batches[e].reshape(-1).astype(np.int64)
-            table = pa.table(
+            table = _with_dataset(pa.table(
                 {
                     "epoch": pa.array(np.full(per_epoch, e, dtype=np.int32)),
                     "batch": pa.array(np.repeat(np.arange(n_batches, dtype=np.int32), batch_size)),
@@ -229,7 +272,7 @@ def _write_tables(tmp: Path, tables: PlanTables) -> None:
                     "cluster": pa.array(tables.batch_cluster[e].reshape(-1).astype(np.int32)),
                     "padded": pa.array(tables.batch_padded[e].reshape(-1)),
                 }
-            )
+            ), tables, rows)
             if writer is None:
                 schema = table.schema
                 writer = pq.ParquetWriter(tmp / BATCHES, schema, write_page_checksum=True)
@@ -278,6 +321,7 @@ def write_plan(
     tables: PlanTables,
     stats: dict[str, Any] | None = None,
     plan_id: str | None = None,
+    mixture: MixtureInfo | None = None,
 ) -> BatchPlan:
     """Write a plan under ``root/<plan_id>`` atomically (temp dir + rename) and return it.
 
@@ -309,6 +353,7 @@ def write_plan(
                 versions=library_versions(),
                 files=files,
                 file_sizes={p.name: p.stat().st_size for p in written},
+                mixture=mixture,
             )
             _atomic_write_text(tmp / MANIFEST, manifest.model_dump_json(indent=2))
             # what a reader will do, before anyone can see it: a plan that cannot be opened
@@ -532,12 +577,47 @@ class BatchPlan(PlanShape):
         if int(cpad.sum()) != c.remainder_padded:
             raise PlanError(f"{CLUSTERS}: {int(cpad.sum())} padded rows, manifest says "
                             f"{c.remainder_padded}")
+        if m.mixture is not None:
+            self._validate_mixture(clusters, crow)
         id_of_row = dict(zip(crow.tolist(), clusters.column("id").to_pylist()))
         cluster_of_row = dict(zip(crow[~cpad].tolist(), cid[~cpad].tolist()))
         if self._batches_file.metadata.num_row_groups != (c.epochs if c.batches_per_epoch else 1):
             raise PlanError(f"{BATCHES}: expected one row group per epoch ({c.epochs})")
         for e in range(c.epochs):
             self._validate_epoch(e, id_of_row, cluster_of_row)
+
+    def _validate_mixture(self, clusters: pa.Table, crow: np.ndarray) -> None:
+        """Every row's dataset is the one its row range says; clusters and batches are single-
+        dataset; each epoch holds each dataset's ``batches_per_epoch`` batches."""
+        mix = self.manifest.mixture
+        assert mix is not None
+        names = np.array([d.name for d in mix.datasets])
+        ends = [d.offset + d.n_rows for d in mix.datasets]
+        if [d.offset for d in mix.datasets[1:]] != ends[:-1] or (
+                ends and ends[-1] != self.manifest.dataset.n_rows):
+            raise PlanError(f"{MANIFEST}: mixture row ranges do not tile the dataset")
+        for name, rows, table in [(CLUSTERS, crow, clusters)] + [
+                (f"{BATCHES} epoch {e}", self.epoch_table(e).column("row").to_numpy(),
+                 self.epoch_table(e)) for e in range(self.epochs)]:
+            if "dataset" not in table.column_names:
+                raise PlanError(f"{name}: a mixture plan needs a dataset column")
+            got = np.asarray(table.column("dataset").to_numpy(zero_copy_only=False))
+            if len(rows) and (got != names[mix.dataset_of_rows(rows)]).any():
+                raise PlanError(f"{name}: a row's dataset does not match its row range")
+        k = self.manifest.counts.cluster_size
+        if len(crow) and (mix.dataset_of_rows(crow).reshape(-1, k)
+                          != mix.dataset_of_rows(crow[::k])[:, None]).any():
+            raise PlanError(f"{CLUSTERS}: a cluster mixes datasets")
+        b = self.batch_size
+        for e in range(self.epochs):
+            which = mix.dataset_of_rows(self.batch_rows(e).reshape(-1)).reshape(-1, b)
+            if len(which) and (which != which[:, :1]).any():
+                raise PlanError(f"{BATCHES} epoch {e}: a batch mixes datasets")
+            counts = np.bincount(which[:, 0], minlength=len(names)) if len(which) else \
+                np.zeros(len(names), int)
+            if counts.tolist() != [d.batches_per_epoch for d in mix.datasets]:
+                raise PlanError(f"{BATCHES} epoch {e}: batches per dataset {counts.tolist()}, "
+                                f"manifest says {[d.batches_per_epoch for d in mix.datasets]}")
 
     def _validate_epoch(self, e: int, id_of_row: dict, cluster_of_row: dict) -> None:
         c = self.manifest.counts

@@ -86,16 +86,19 @@ def quality_report(
     *,
     seed: int = 0,
     max_batches: int = 64,
+    random_rows: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """Hardness of ``plan_batches`` (nb, B) against random batches, plus community sizes."""
+    """Hardness of ``plan_batches`` (nb, B) against random batches, plus community sizes.
+
+    ``random_rows``: the baseline batches (nb', B) when plain random batches over all rows are
+    not the fair comparison (a mixture compares with random batches inside each dataset)."""
     rng = np.random.default_rng([seed, 0x4E9])
     pos = positive_scores(queries, targets)
     nb, batch_size = plan_batches.shape
     plan = batch_similarity(queries, targets, plan_batches, pos, max_batches=max_batches, rng=rng)
-    rand = batch_similarity(
-        queries, targets, random_batches(len(queries), batch_size, max(nb, 1), rng), pos,
-        max_batches=max_batches, rng=rng,
-    )
+    if random_rows is None:
+        random_rows = random_batches(len(queries), batch_size, max(nb, 1), rng)
+    rand = batch_similarity(queries, targets, random_rows, pos, max_batches=max_batches, rng=rng)
     report = {
         "plan": plan,
         "random": rand,

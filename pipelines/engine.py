@@ -118,7 +118,15 @@ def mine(
     **options: Any,
 ) -> BatchPlan:
     """Mine a plan on Dask; same signature and result as ``b3mine.mining.mine`` (plus cluster
-    options). See ``run_job`` for the options."""
+    options). See ``run_job`` for the options. A `b3mine.mixture.Mixture` is mined one task
+    per dataset (``pipelines.mixture``)."""
+    from b3mine.mixture import Mixture
+
+    if isinstance(source, Mixture):
+        from pipelines.mixture import mine_mixture
+
+        return mine_mixture(source, config, out, progress=progress, scheduler=scheduler,
+                            workers=workers, **options)
     return run_job(source, config, out, progress=progress, scheduler=scheduler, workers=workers,
                    **options).plan
 
