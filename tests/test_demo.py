@@ -181,7 +181,7 @@ def test_demo_command_says_why_the_first_run_is_slow_and_shows_the_cache(
 
     monkeypatch.setattr(demo, "load_teacher", lambda: teacher)  # reuse the loaded model
     monkeypatch.setenv("B3MINE_CACHE", str(tmp_path / "cache"))
-    args = ["demo", "--max-pairs", "64", "--batch-size", "16", "--cluster-size", "4",
+    args = ["demo", "--max-pairs", "128", "--batch-size", "16", "--cluster-size", "4",
             "--out", str(tmp_path / "plans")]
     outputs = []
     for _ in range(2):
@@ -194,6 +194,6 @@ def test_demo_command_says_why_the_first_run_is_slow_and_shows_the_cache(
     cache = tmp_path / "cache" / "demo"
     assert (f"first run: the teacher embeds every pair on the CPU, which takes minutes "
             f"(progress bar below); the embeddings are then cached in {cache}") in outputs[0]
-    (path,) = cache.glob("demo-64-*.parquet")
+    (path,) = cache.glob("demo-128-*.parquet")
     assert "first run" not in outputs[1]
     assert f"embeddings: {path} (cached: nothing to embed)" in outputs[1]

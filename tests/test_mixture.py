@@ -220,7 +220,7 @@ def test_sentence_transformers_trains_on_a_mixture_plan(tmp_path) -> None:
         {"query": "anchor", "target": "positive"})
     seen: list[list[int]] = []
 
-    class Recording(PlanSTBatchSampler.configure(plan)):  # type: ignore[misc]
+    class Recording(PlanSTBatchSampler):
         def __iter__(self):
             for batch in super().__iter__():
                 seen.append(batch)
@@ -228,7 +228,7 @@ def test_sentence_transformers_trains_on_a_mixture_plan(tmp_path) -> None:
 
     args = SentenceTransformerTrainingArguments(
         output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=4,
-        learning_rate=1e-5, batch_sampler=Recording, report_to=[], save_strategy="no",
+        learning_rate=1e-5, batch_sampler=Recording.configure(plan), report_to=[], save_strategy="no",
         use_cpu=True, dataloader_num_workers=0, seed=0)
     torch.manual_seed(0)
     result = SentenceTransformerTrainer(model=model, args=args, train_dataset=train,
