@@ -155,8 +155,10 @@ class Trainer:
         self.objective: Objective = build_objective(config, self.n_train)
         params = list(self.model.parameters()) + [
             p for p in self.objective.parameters() if p.requires_grad]
+        # fused: one kernel per step instead of ~10 passes over each tensor; measured on a
+        # 20k x 256 table (the static student's trainable rows), 1 thread: 16 ms vs 71 ms.
         self.optimizer = torch.optim.AdamW(params, lr=config.learning_rate,
-                                           weight_decay=config.weight_decay)
+                                           weight_decay=config.weight_decay, fused=True)
         self.sampler, self.sampler_info = build_sampler(config, self.data)
         self.gradcache = self._gradcache() if config.gradcache_chunk else None
         self.q_tokens = torch.as_tensor(self.data.train.query_tokens, dtype=torch.long)
