@@ -2,6 +2,7 @@
 
     b3mine train                                   # student, InfoNCE, B3 plan mined on train
     b3mine train --sampler random --batch-size 32 --steps 600
+    b3mine train --model static --sampler random   # pretrained static student (model2vec)
     b3mine train --plan http://localhost:8000/v1/plans/<id> --model minilm --steps 200
     b3mine train --config run.toml --seed 3        # flags override the file
 
@@ -19,7 +20,7 @@ import typer
 def train(
     config_file: Annotated[Optional[Path], typer.Option(
         "--config", help="JSON/TOML TrainConfig; the flags below override it")] = None,
-    model: Annotated[Optional[str], typer.Option(help="student | minilm")] = None,
+    model: Annotated[Optional[str], typer.Option(help="student | static | minilm")] = None,
     objective: Annotated[Optional[str], typer.Option(help="infonce | sogclr | em")] = None,
     sampler: Annotated[Optional[str], typer.Option(help="plan | random | kmeans")] = None,
     plan: Annotated[Optional[str], typer.Option(

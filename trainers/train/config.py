@@ -18,9 +18,13 @@ from pydantic import Field, model_validator
 
 from b3mine.config import FrozenConfig
 
-ModelKind = Literal["student", "minilm"]
+ModelKind = Literal["student", "static", "minilm"]
 Objective = Literal["infonce", "sogclr", "em"]
 SamplerKind = Literal["plan", "random", "kmeans"]
+
+# Peak learning rate per model when ``lr`` is None. The static student's was chosen on a
+# validation split carved out of the demo train split (docs/reference-trainer.md).
+DEFAULT_LR: dict[str, float] = {"student": 2e-3, "static": 3e-2, "minilm": 2e-5}
 
 
 
@@ -54,9 +58,12 @@ class TrainConfig(FrozenConfig):
 
     # -- model ---------------------------------------------------------------------------------
     model: ModelKind = Field("student", description="student = EmbeddingBag+Linear from scratch "
-                             "over the MiniLM vocabulary (fast on CPU); minilm = fine-tune "
-                             "all-MiniLM-L6-v2")
+                             "over the MiniLM vocabulary (fast on CPU); static = the model2vec "
+                             "distillation of all-MiniLM-L6-v2 (pretrained, fast on CPU); "
+                             "minilm = fine-tune all-MiniLM-L6-v2 (slow, GPU)")
     student_dim: int = Field(256, ge=8, description="student token-embedding width")
+    static_dim: int = Field(256, ge=8, description="static student: PCA width of the "
+                            "distillation (each width is distilled once and cached)")
     embed_dim: int = Field(256, ge=8, description="student output width")
 
     # -- objective -----------------------------------------------------------------------------
@@ -83,8 +90,8 @@ class TrainConfig(FrozenConfig):
     # -- optimisation --------------------------------------------------------------------------
     batch_size: int = Field(128, ge=2)
     steps: int = Field(400, ge=1)
-    lr: float | None = Field(None, gt=0, description="peak learning rate; None = 2e-3 for the "
-                             "student (from scratch), 2e-5 for MiniLM (fine-tuning)")
+    lr: float | None = Field(None, gt=0, description="peak learning rate; None = DEFAULT_LR of "
+                             "the model (student 2e-3 from scratch, static 3e-2, MiniLM 2e-5)")
     weight_decay: float = Field(0.01, ge=0)
     warmup: float = Field(0.1, ge=0, lt=1, description="share of steps with linear warm-up")
     seed: int = Field(0, ge=0)
@@ -110,7 +117,7 @@ class TrainConfig(FrozenConfig):
     def learning_rate(self) -> float:
         if self.lr is not None:
             return self.lr
-        return 2e-3 if self.model == "student" else 2e-5
+        return DEFAULT_LR[self.model]
 
     @property
     def plan_cluster_size(self) -> int:

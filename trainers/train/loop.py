@@ -68,14 +68,14 @@ def lr_at(config: TrainConfig, step: int) -> float:
 
 def set_threads(threads: int | None, model: str = "student") -> None:
     """Intra-op threads: explicit, else $OMP_NUM_THREADS, else 1 for the student and one per
-    usable core for MiniLM.
+    usable core for MiniLM (the static student is a bag of embeddings too).
 
     The student's ops are tiny: measured on 2 shared cores (load ~3), one EmbeddingBag
     forward+backward at batch 256 took 4 ms on 1 thread and 50-170 ms on 2, the OpenMP threads
     waiting on each other whenever another process holds a core."""
     if threads is None and "OMP_NUM_THREADS" in os.environ:
         return
-    if threads is None and model == "student":
+    if threads is None and model in ("student", "static"):
         threads = 1
     if threads is None:
         threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
