@@ -38,6 +38,9 @@ def train(
     temperature: Optional[float] = None,
     seed: Optional[int] = None,
     gradcache_chunk: Annotated[Optional[int], typer.Option(help="GradCache chunk size")] = None,
+    guide_margin: Annotated[Optional[float], typer.Option(
+        help="teacher-guided in-batch masking: drop negatives the teacher scores above the "
+             "positive minus this margin (default: off)")] = None,
     adapter_steps: Annotated[Optional[int], typer.Option(help="adapter phase 2 steps")] = None,
     transfer_steps: Annotated[Optional[int], typer.Option(help="adapter phase 3 steps")] = None,
     data: Annotated[Optional[Path], typer.Option(
@@ -64,7 +67,8 @@ def train(
         model=model, objective=objective, sampler=sampler, plan=plan,
         batch_grouping=batch_grouping, cluster_size=cluster_size, hard_negatives=hard_negatives,
         batch_size=batch_size, steps=steps, lr=lr, temperature=temperature, seed=seed,
-        gradcache_chunk=gradcache_chunk, data=str(data) if data else None, max_pairs=max_pairs,
+        gradcache_chunk=gradcache_chunk, guide_margin=guide_margin,
+        data=str(data) if data else None, max_pairs=max_pairs,
         output_dir=str(output_dir) if output_dir else None, eval_every=eval_every,
         checkpoint_every=checkpoint_every, threads=threads)
     values = base.model_dump()

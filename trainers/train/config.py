@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -73,6 +74,10 @@ class TrainConfig(FrozenConfig):
     gamma: float = Field(0.9, gt=0, le=1, description="SogCLR moving-average weight")
     em_momentum: float = Field(0.9, ge=0, lt=1, description="EM: running Z estimate momentum")
     gradcache_chunk: int | None = Field(None, ge=1, description="GradCache chunk (None = off)")
+    guide_margin: float | None = Field(None, description="teacher-guided in-batch masking "
+                                       "(GISTEmbed): drop an in-batch negative whose teacher "
+                                       "similarity exceeds the positive's minus this absolute "
+                                       "margin; None = off. InfoNCE only")
 
     # -- batches -------------------------------------------------------------------------------
     sampler: SamplerKind = Field("plan", description="plan = B3 plan; random; kmeans = "
@@ -109,6 +114,11 @@ class TrainConfig(FrozenConfig):
         if self.batch_size % self.plan_cluster_size:
             raise ValueError(f"batch_size {self.batch_size} must be a multiple of cluster_size "
                              f"{self.plan_cluster_size}")
+        if self.guide_margin is not None and self.objective != "infonce":
+            raise ValueError(f"guide_margin (teacher-guided masking) needs objective='infonce', "
+                             f"got objective={self.objective!r}")
+        if self.guide_margin is not None and not math.isfinite(self.guide_margin):
+            raise ValueError(f"guide_margin must be a finite number, got {self.guide_margin}")
         if self.hard_negatives and self.sampler != "plan":
             raise ValueError("hard_negatives needs sampler='plan' (the negatives come from it)")
         return self

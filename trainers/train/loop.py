@@ -163,6 +163,11 @@ class Trainer:
         self.gradcache = self._gradcache() if config.gradcache_chunk else None
         self.q_tokens = torch.as_tensor(self.data.train.query_tokens, dtype=torch.long)
         self.t_tokens = torch.as_tensor(self.data.train.target_tokens, dtype=torch.long)
+        # Teacher embeddings of the train rows: the guide of teacher-guided masking.
+        self.guide: tuple[torch.Tensor, torch.Tensor] | None = None
+        if config.guide_margin is not None:
+            self.guide = (torch.as_tensor(self.data.train.query_emb),
+                          torch.as_tensor(self.data.train.target_emb))
         self.step = 0
         self.epoch = 0
         self.output_dir = Path(config.output_dir)
@@ -176,8 +181,9 @@ class Trainer:
                    chunk_size=self.config.gradcache_chunk)
 
     def _loss_on_reps(self, q: torch.Tensor, k: torch.Tensor, labels: torch.Tensor | None = None,
-                      indices: torch.Tensor | None = None) -> torch.Tensor:
-        return self.objective(q, k, labels, indices)
+                      indices: torch.Tensor | None = None,
+                      **guide: torch.Tensor) -> torch.Tensor:
+        return self.objective(q, k, labels, indices, **guide)
 
     def _split(self, batch: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(query rows, target rows, labels) of one sampler list."""
@@ -196,11 +202,13 @@ class Trainer:
             group["lr"] = lr
         q_in, t_in = self.q_tokens[qrows], self.t_tokens[trows]
         lab, idx = torch.as_tensor(labels), torch.as_tensor(qrows)
+        guide = {} if self.guide is None else {"guide_q": self.guide[0][qrows],
+                                               "guide_k": self.guide[1][trows]}
         self.optimizer.zero_grad(set_to_none=True)
         if self.gradcache is not None:
-            value = float(self.gradcache.step(q_in, t_in, labels=lab, indices=idx))
+            value = float(self.gradcache.step(q_in, t_in, labels=lab, indices=idx, **guide))
         else:
-            loss = self.objective(self.model(q_in), self.model(t_in), lab, idx)
+            loss = self.objective(self.model(q_in), self.model(t_in), lab, idx, **guide)
             loss.backward()
             value = float(loss.detach())
         self.optimizer.step()
