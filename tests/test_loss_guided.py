@@ -52,6 +52,18 @@ def data(b: int, t: int, d: int, gdim: int, seed: int, ties: bool = True):
     return q, k, labels, gq, gk
 
 
+def other_masks(b: int, t: int, labels, seed: int) -> dict:
+    """Zero query weights, padding columns and groups to combine with the guide."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.rand(b, generator=gen, dtype=torch.float64) + 0.1
+    w[:2] = 0.0
+    tv = torch.rand(t, generator=gen) > 0.2
+    tv[labels] = True
+    return dict(labels=labels, query_weight=w, target_valid=tv,
+                query_groups=torch.randint(-1, 3, (b,), generator=gen),
+                target_groups=torch.randint(-1, 3, (t,), generator=gen))
+
+
 def run(impl: str, q, k, s: float, **kw):
     q = q.detach().clone().requires_grad_()
     k = k.detach().clone().requires_grad_()
@@ -112,15 +124,7 @@ def test_tiled_matches_naive_float64(b, t, margin, symmetric, blocks):
 def test_tiled_float32_with_other_masks_matches_float64():
     """Guide plus query weights (zero weights), padding columns and groups; float32 inputs."""
     q, k, labels, gq, gk = data(12, 20, 8, 4, seed=3)
-    gen = torch.Generator().manual_seed(5)
-    w = torch.rand(12, generator=gen, dtype=torch.float64) + 0.1
-    w[:2] = 0.0
-    tv = torch.rand(20, generator=gen) > 0.2
-    tv[labels] = True
-    kw = dict(labels=labels, query_weight=w, target_valid=tv,
-              query_groups=torch.randint(-1, 3, (12,), generator=gen),
-              target_groups=torch.randint(-1, 3, (20,), generator=gen),
-              guide_q=gq, guide_k=gk, guide_margin=0.0)
+    kw = dict(other_masks(12, 20, labels, seed=5), guide_q=gq, guide_k=gk, guide_margin=0.0)
     ref = run("naive", q, k, 20.0, **kw)
     got = run("tiled", q.float(), k.float(), 20.0, block_q=5, block_k=7,
               **{**kw, "guide_q": gq.float(), "guide_k": gk.float()})

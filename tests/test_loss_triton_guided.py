@@ -17,7 +17,7 @@ if not triton_available(torch.device("cpu")):
     pytest.skip("triton cannot run here: set TRITON_INTERPRET=1 before triton is imported",
                 allow_module_level=True)
 
-from tests.test_loss_guided import data, rel, run  # noqa: E402
+from tests.test_loss_guided import data, other_masks, rel, run  # noqa: E402
 
 # The interpreter warns on log2(0) / exp2 overflow inside lanes that tl.where discards.
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
@@ -62,14 +62,7 @@ def test_triton_guided_with_other_masks_and_exact_columns():
     """Guide + zero weights + padding + groups; the exact K x Q column pass (forced by extreme
     logits on unnormalised rows) applies the column rule too."""
     q, k, labels, gq, gk = data(20, 28, 8, 4, seed=3)
-    gen = torch.Generator().manual_seed(5)
-    w = torch.rand(20, generator=gen, dtype=torch.float64) + 0.1
-    w[:2] = 0.0
-    tv = torch.rand(28, generator=gen) > 0.2
-    tv[labels] = True
-    kw = dict(labels=labels, query_weight=w, target_valid=tv,
-              query_groups=torch.randint(-1, 3, (20,), generator=gen),
-              target_groups=torch.randint(-1, 3, (28,), generator=gen), guide_margin=0.0)
+    kw = dict(other_masks(20, 28, labels, seed=5), guide_margin=0.0)
     for scale, mult in ((20.0, 1.0), (1000.0, 3.0)):
         qq = q * mult
         ref = run("naive", qq, k, scale, guide_q=gq, guide_k=gk, **kw)

@@ -79,29 +79,47 @@ def _valid_tile(
 
 
 @triton.jit
-def _guide_out(
-    ga, GB, cols, n_rows, n_cols, rows, THR_A, THR_B, LAB, G_DIM, stride_gb,
-    LABEL_ON_ROWS: tl.constexpr, BLOCK_G: tl.constexpr, GPREC: tl.constexpr,
-):
-    """Guide-excluded pairs of one tile for the A-side LSEs and for the B-side LSEs.
+def _load_rows(PTR, rows, n_rows, stride, DIM, BLOCK: tl.constexpr):
+    """A (len(rows), BLOCK) block of a row-major matrix, zero past n_rows and DIM."""
+    offs = tl.arange(0, BLOCK)
+    return tl.load(PTR + rows[:, None].to(tl.int64) * stride + offs[None, :],
+                   mask=(rows < n_rows)[:, None] & (offs < DIM)[None, :], other=0.0)
 
-    ``ga`` is the resident A block of guide embeddings; the B block is loaded here. A pair that
-    is the query's own positive is never excluded."""
-    offs_g = tl.arange(0, BLOCK_G)
-    rin = rows < n_rows
-    cin = cols < n_cols
-    gb = tl.load(GB + cols[:, None].to(tl.int64) * stride_gb + offs_g[None, :],
-                 mask=cin[:, None] & (offs_g < G_DIM)[None, :], other=0.0)
-    gs = tl.dot(ga, tl.trans(gb), input_precision=GPREC)
-    if LABEL_ON_ROWS:
-        lab = tl.load(LAB + rows, mask=rin, other=-1)
-        other = cols[None, :] != lab[:, None]
-    else:
-        lab = tl.load(LAB + cols, mask=cin, other=-1)
-        other = rows[:, None] != lab[None, :]
-    thr_a = tl.load(THR_A + rows, mask=rin, other=float("inf"))
-    thr_b = tl.load(THR_B + cols, mask=cin, other=float("inf"))
-    return (gs > thr_a[:, None]) & other, (gs > thr_b[None, :]) & other
+
+@triton.jit
+def _valid_pairs(
+    rows, cols, n_rows, n_cols, ROW_OK, COL_OK, RG, CG, LAB,
+    ga, GB, THR_A, THR_B, G_DIM, stride_gb,
+    HAS_ROW_OK: tl.constexpr, HAS_COL_OK: tl.constexpr, HAS_GROUPS: tl.constexpr,
+    LABEL_ON_ROWS: tl.constexpr, HAS_GUIDE: tl.constexpr, BLOCK_G: tl.constexpr,
+    GPREC: tl.constexpr,
+):
+    """Valid pairs of one tile for the A-side LSEs and for the B-side LSEs.
+
+    They differ only under teacher-guided masking: ``ga`` is the resident A block of guide
+    embeddings, the B block is loaded here, and a pair is dropped from the A side's LSE when
+    its guide score exceeds THR_A of its row (from the B side's: THR_B of its column), unless
+    it is the query's own positive."""
+    valid = _valid_tile(rows, cols, n_rows, n_cols, ROW_OK, COL_OK, RG, CG, LAB,
+                        HAS_ROW_OK, HAS_COL_OK, HAS_GROUPS, LABEL_ON_ROWS)
+    valid_a = valid
+    valid_b = valid
+    if HAS_GUIDE:
+        rin = rows < n_rows
+        cin = cols < n_cols
+        gs = tl.dot(ga, tl.trans(_load_rows(GB, cols, n_cols, stride_gb, G_DIM, BLOCK_G)),
+                    input_precision=GPREC)
+        if LABEL_ON_ROWS:
+            lab = tl.load(LAB + rows, mask=rin, other=-1)
+            other = cols[None, :] != lab[:, None]
+        else:
+            lab = tl.load(LAB + cols, mask=cin, other=-1)
+            other = rows[:, None] != lab[None, :]
+        thr_a = tl.load(THR_A + rows, mask=rin, other=float("inf"))
+        thr_b = tl.load(THR_B + cols, mask=cin, other=float("inf"))
+        valid_a = valid & (((gs > thr_a[:, None]) & other) == 0)
+        valid_b = valid & (((gs > thr_b[None, :]) & other) == 0)
+    return valid_a, valid_b
 
 
 @triton.jit
@@ -127,10 +145,9 @@ def _lse_fwd_kernel(
     if DOT_F32:  # interpreter only: its bf16 tl.dot is wrong, so feed fp32
         a = a.to(tl.float32)
     s2 = tl.load(SCALE).to(tl.float32) * 1.4426950408889634  # base-2 logits: exp2 is the fast path
+    ga = 0.0
     if HAS_GUIDE:
-        offs_g = tl.arange(0, BLOCK_G)
-        ga = tl.load(GA + rows[:, None].to(tl.int64) * stride_ga + offs_g[None, :],
-                     mask=rin[:, None] & (offs_g < G_DIM)[None, :], other=0.0)
+        ga = _load_rows(GA, rows, n_a, stride_ga, G_DIM, BLOCK_G)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     for start in range(0, n_b, BLOCK_N):
@@ -141,15 +158,11 @@ def _lse_fwd_kernel(
         if DOT_F32:
             b = b.to(tl.float32)
         x = tl.dot(a, tl.trans(b), input_precision=PRECISION) * s2
-        valid = _valid_tile(rows, cols, n_a, n_b, ROW_OK, COL_OK, RG, CG, LAB,
-                            HAS_ROW_OK, HAS_COL_OK, HAS_GROUPS, LABEL_ON_ROWS)
-        valid_b = valid
-        if HAS_GUIDE:
-            out_a, out_b = _guide_out(ga, GB, cols, n_a, n_b, rows, THR_A, THR_B, LAB, G_DIM,
-                                      stride_gb, LABEL_ON_ROWS, BLOCK_G, GPREC)
-            valid_b = valid & (out_b == 0)
-            valid = valid & (out_a == 0)
-        xa = tl.where(valid, x, float("-inf"))
+        valid_a, valid_b = _valid_pairs(
+            rows, cols, n_a, n_b, ROW_OK, COL_OK, RG, CG, LAB, ga, GB, THR_A, THR_B, G_DIM,
+            stride_gb, HAS_ROW_OK, HAS_COL_OK, HAS_GROUPS, LABEL_ON_ROWS, HAS_GUIDE, BLOCK_G,
+            GPREC)
+        xa = tl.where(valid_a, x, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(xa, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         l_i = l_i * tl.exp2(m_i - m_use) + tl.sum(tl.exp2(xa - m_use[:, None]), 1)
@@ -184,10 +197,9 @@ def _lse_bwd_kernel(
     if DOT_F32:  # interpreter only: its bf16 tl.dot is wrong, so feed fp32
         a = a.to(tl.float32)
     s2 = tl.load(SCALE).to(tl.float32) * 1.4426950408889634
+    ga = 0.0
     if HAS_GUIDE:
-        offs_g = tl.arange(0, BLOCK_G)
-        ga = tl.load(GA + rows[:, None].to(tl.int64) * stride_ga + offs_g[None, :],
-                     mask=rin[:, None] & (offs_g < G_DIM)[None, :], other=0.0)
+        ga = _load_rows(GA, rows, n_a, stride_ga, G_DIM, BLOCK_G)
     if TERM_A:
         lse_a = tl.load(LSE_A + rows, mask=rin, other=0.0)
         w_a = tl.load(W_A + rows, mask=rin, other=0.0)
@@ -200,15 +212,10 @@ def _lse_bwd_kernel(
         if DOT_F32:
             b = b.to(tl.float32)
         x = tl.dot(a, tl.trans(b), input_precision=PRECISION) * s2
-        valid = _valid_tile(rows, cols, n_a, n_b, ROW_OK, COL_OK, RG, CG, LAB,
-                            HAS_ROW_OK, HAS_COL_OK, HAS_GROUPS, LABEL_ON_ROWS)
-        valid_a = valid
-        valid_b = valid
-        if HAS_GUIDE:
-            out_a, out_b = _guide_out(ga, GB, cols, n_a, n_b, rows, THR_A, THR_B, LAB, G_DIM,
-                                      stride_gb, LABEL_ON_ROWS, BLOCK_G, GPREC)
-            valid_a = valid & (out_a == 0)
-            valid_b = valid & (out_b == 0)
+        valid_a, valid_b = _valid_pairs(
+            rows, cols, n_a, n_b, ROW_OK, COL_OK, RG, CG, LAB, ga, GB, THR_A, THR_B, G_DIM,
+            stride_gb, HAS_ROW_OK, HAS_COL_OK, HAS_GROUPS, LABEL_ON_ROWS, HAS_GUIDE, BLOCK_G,
+            GPREC)
         # where(), not a product: fully masked rows/columns have lse = -inf (inf * 0 = nan).
         g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         if TERM_A:
