@@ -56,18 +56,21 @@ class GuideMask:
     labels: Tensor  # (B,) the positive column of each query (never excluded)
 
 
-def guide_tiles(guide: GuideMask | None, r0: int, r1: int, c0: int, c1: int,
-                acc: torch.dtype) -> tuple[Tensor | None, Tensor | None]:
-    """(row-excluded, column-excluded) boolean tiles of rows [r0, r1) x columns [c0, c1)."""
+def guide_tiles(guide: GuideMask | None, r0: int, r1: int, c0: int,
+                c1: int) -> tuple[Tensor | None, Tensor | None]:
+    """(row-excluded, column-excluded) boolean tiles of rows [r0, r1) x columns [c0, c1).
+
+    Guide scores are computed in the guide's own dtype (at least fp32), not the float64 of the
+    CPU logits: they only decide a mask, and an fp32 product costs half."""
     if guide is None:
         return None, None
-    g = guide.gq[r0:r1].to(acc) @ guide.gk[c0:c1].to(acc).T
+    g = guide.gq[r0:r1] @ guide.gk[c0:c1].T
     cols = torch.arange(c0, c1, device=g.device)
     other = cols[None, :] != guide.labels[r0:r1, None]
-    row_out = (g > guide.thr_r[r0:r1, None].to(acc)) & other
+    row_out = (g > guide.thr_r[r0:r1, None]) & other
     col_out = None
     if guide.thr_c is not None:
-        col_out = (g > guide.thr_c[None, c0:c1].to(acc)) & other
+        col_out = (g > guide.thr_c[None, c0:c1]) & other
     return row_out, col_out
 
 
@@ -202,15 +205,14 @@ def prepare(
         # Column j's LSE counts once per query whose positive is j.
         beta = torch.zeros(t, dtype=acc_dtype, device=dev).index_add_(0, labels, 0.5 * w)
     pos_coef = w.clone()
-    guide = prepare_guide(guide_q, guide_k, guide_margin, labels, row_ok, t, symmetric,
-                          acc_dtype) if (guide_q is not None or guide_k is not None) else None
+    guide = prepare_guide(guide_q, guide_k, guide_margin, labels, row_ok, t, symmetric
+                          ) if (guide_q is not None or guide_k is not None) else None
     return Prepared(labels, w, alpha, beta, pos_coef,
                     PairMask(row_ok, col_ok, qg, tg, labels, guide))
 
 
 def prepare_guide(guide_q: Tensor | None, guide_k: Tensor | None, margin: float, labels: Tensor,
-                  row_ok: Tensor | None, t: int, symmetric: bool,
-                  acc_dtype: torch.dtype) -> GuideMask:
+                  row_ok: Tensor | None, t: int, symmetric: bool) -> GuideMask:
     """Check the guide embeddings and compute the O(B + T) thresholds (see `GuideMask`)."""
     if guide_q is None or guide_k is None:
         raise ValueError("give both guide_q and guide_k, or neither")
@@ -225,14 +227,15 @@ def prepare_guide(guide_q: Tensor | None, guide_k: Tensor | None, margin: float,
     if not math.isfinite(margin):
         raise ValueError(f"guide_margin must be finite, got {margin}")
     dev = labels.device
-    gq = guide_q.detach().to(device=dev)
-    gk = guide_k.detach().to(device=dev)
-    pos = (gq.to(acc_dtype) * gk[labels].to(acc_dtype)).sum(1)
+    dtype = torch.promote_types(torch.promote_types(guide_q.dtype, guide_k.dtype), torch.float32)
+    gq = guide_q.detach().to(device=dev, dtype=dtype)
+    gk = guide_k.detach().to(device=dev, dtype=dtype)
+    pos = (gq * gk[labels]).sum(1)
     thr_r = pos - margin
     thr_c = None
     if symmetric:
         # Zero-weight queries have no column term and are out of every column denominator.
         src = thr_r if row_ok is None else thr_r.masked_fill(~row_ok, float("-inf"))
-        thr_c = torch.full((t,), float("inf"), dtype=acc_dtype, device=dev).scatter_reduce(
+        thr_c = torch.full((t,), float("inf"), dtype=dtype, device=dev).scatter_reduce(
             0, labels, src, reduce="amax", include_self=False)
     return GuideMask(gq, gk, thr_r, thr_c, labels)

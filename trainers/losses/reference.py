@@ -44,7 +44,7 @@ def naive_contrastive_loss(
     b, t = q.shape[0], k.shape[0]
     x = s.to(acc) * (q.to(acc) @ k.to(acc).T)
     m = tile_mask(b, t, p.mask.row_ok, p.mask.col_ok, p.mask.q_groups, p.mask.t_groups, p.labels)
-    m_r, m_c = direction_masks(m, *guide_tiles(p.mask.guide, 0, b, 0, t, acc), (b, t))
+    m_r, m_c = direction_masks(m, *guide_tiles(p.mask.guide, 0, b, 0, t), (b, t))
     x_r = x if m_r is None else x.masked_fill(~m_r, float("-inf"))
     x_c = x if m_c is None else x.masked_fill(~m_c, float("-inf"))
     # Only rows/columns with non-zero weight enter: a zero-weight row may be all -inf and its

@@ -132,7 +132,7 @@ def tiled_lse(
                 q[r0:r1], k[c0:c1], s, row_ok=_sl(mk.row_ok, r0, r1), col_ok=_sl(mk.col_ok, c0, c1),
                 q_groups=_sl(mk.q_groups, r0, r1), t_groups=_sl(mk.t_groups, c0, c1),
                 label_rel=mk.labels[r0:r1] - c0, need_cols=need_cols, acc=acc,
-                guide_out=guide_tiles(mk.guide, r0, r1, c0, c1, acc),
+                guide_out=guide_tiles(mk.guide, r0, r1, c0, c1),
             )
             run = torch.logaddexp(run, lr)
             if lse_c is not None and lc is not None:
@@ -169,7 +169,7 @@ def tiled_grad(
                 row_ok=_sl(mk.row_ok, r0, r1), col_ok=_sl(mk.col_ok, c0, c1),
                 q_groups=_sl(mk.q_groups, r0, r1), t_groups=_sl(mk.t_groups, c0, c1),
                 label_rel=mk.labels[r0:r1] - c0,
-                guide_out=guide_tiles(mk.guide, r0, r1, c0, c1, acc),
+                guide_out=guide_tiles(mk.guide, r0, r1, c0, c1),
             )
             dq[r0:r1] += gq
             dk[c0:c1] += gk
