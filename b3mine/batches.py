@@ -117,11 +117,14 @@ def assemble_batches(
     seed: int,
     last_batch: str,
     affinity: sp.csr_matrix | None = None,
+    mix: float = 0.0,
+    curriculum: float = 0.0,
 ) -> Batches:
     """Group clusters into batches for each epoch (see module doc).
 
     With ``affinity`` (from :func:`cluster_affinity`), a batch is filled with clusters that share
-    graph edges instead of random ones: harder batches, still re-drawn every epoch.
+    graph edges instead of random ones: harder batches, still re-drawn every epoch. ``mix`` and
+    ``curriculum`` soften them (:func:`random_shares`, :func:`mix_rows`).
     """
     n_clusters, k = members.shape
     if batch_size % k:
@@ -137,4 +140,83 @@ def assemble_batches(
         rows[e] = members[order].reshape(nb, batch_size)
         cluster[e] = np.repeat(order, k, axis=1).reshape(nb, batch_size)
         padded[e] = (member_padded[order] | fill[..., None]).reshape(nb, batch_size)
+    shares = random_shares(epochs, nb, mix, curriculum)
+    if shares.any():
+        for e in range(epochs):
+            mix_rows(rows[e], cluster[e], padded[e], shares[e],
+                     np.random.default_rng([seed, 0x313, e]))
     return Batches(rows=rows, cluster=cluster, padded=padded)
+
+
+def random_shares(epochs: int, batches_per_epoch: int, mix: float, curriculum: float
+                  ) -> np.ndarray:
+    """(E, nb) share of each batch's rows to exchange for random rows.
+
+    ``mix`` everywhere; with ``curriculum`` c > 0 the first c of all batches (in training
+    order, epoch by epoch) fall linearly from fully random to ``mix``.
+
+    >>> random_shares(2, 2, 0.25, 0.5).tolist()
+    [[1.0, 0.625], [0.25, 0.25]]
+    """
+    total = epochs * batches_per_epoch
+    shares = np.full(total, float(mix))
+    if curriculum > 0 and total:
+        ramp = max(1, round(curriculum * total))
+        g = np.arange(total)
+        shares = np.maximum(shares, np.where(g < ramp, 1 - (1 - mix) * g / ramp, 0.0))
+    return shares.reshape(epochs, batches_per_epoch)
+
+
+def mix_rows(rows: np.ndarray, cluster: np.ndarray, padded: np.ndarray, shares: np.ndarray,
+             rng: np.random.Generator) -> None:
+    """In place, for one epoch's (nb, B) arrays: pick ``round(share * B)`` random positions
+    of each batch and deal the rows found there back out in a random order, so that share
+    of a batch becomes random rows of the epoch (every row still appears once)."""
+    nb, b = rows.shape
+    counts = np.rint(np.asarray(shares) * b).astype(np.int64)
+    if nb == 0 or not counts.any():
+        return
+    keys = rng.random((nb, b))
+    picked = np.argsort(keys, axis=1) < counts[:, None]  # first `count` of a random order
+    where = np.nonzero(picked)
+    perm = rng.permutation(len(where[0]))
+    for a in (rows, cluster, padded):
+        a[where] = a[where][perm]
+
+
+def cap_similarity(batches: Batches, queries: np.ndarray, targets: np.ndarray, cap: float,
+                   seed: int, rounds: int = 8) -> tuple[Batches, int]:
+    """Swap rows between batches until no batch pairs a query with another row's target of
+    teacher similarity above ``cap``; returns the batches and how many such pairs are left.
+
+    Per epoch and round: in each batch, the row in the most over-cap pairs is taken out until
+    none is left (a greedy cover of the batch's conflicts), and all rows taken out in the
+    epoch are dealt back into the freed slots in a random order. A few rounds settle almost
+    every conflict, because a row's over-cap partners are a handful among the epoch."""
+    rows, cluster, padded = (batches.rows.copy(), batches.cluster.copy(),
+                             batches.padded.copy())
+    left = 0
+    for e in range(rows.shape[0]):
+        rng = np.random.default_rng([seed, 0xCA9, e])
+        for r in range(rounds + 1):
+            taken = []
+            for bi, batch in enumerate(rows[e]):
+                s = queries[batch] @ targets[batch].T
+                over = (s > cap) | (s.T > cap)
+                np.fill_diagonal(over, False)
+                over &= batch[:, None] != batch[None, :]  # a padded repeat is not a conflict
+                degree = over.sum(1)
+                while degree.any():
+                    i = int(np.argmax(degree))
+                    taken.append((bi, i))
+                    degree -= over[i]
+                    over[i, :] = over[:, i] = False
+                    degree[i] = 0
+            if not taken or r == rounds:
+                left += len(taken)
+                break
+            where = tuple(np.array(taken).T)
+            perm = rng.permutation(len(taken))
+            for a in (rows[e], cluster[e], padded[e]):
+                a[where] = a[where][perm]
+    return Batches(rows=rows, cluster=cluster, padded=padded), left

@@ -129,6 +129,27 @@ class MiningConfig(FrozenConfig):
         description="Dask engine: cut the corpus into regions of at most this many rows and mine "
         "them in parallel (b3mine.regions); None = one global graph",
     )
+    near_duplicates: float | None = Field(
+        None, gt=0, le=1,
+        description="before clustering, leave out all but one row of each group whose teacher "
+        "query-query or target-target cosine reaches this (they would be false negatives of "
+        "each other); None keeps every row",
+    )
+    similarity_cap: float | None = Field(
+        None, gt=-1, le=1,
+        description="no batch pairs a query with another row's target of teacher cosine above "
+        "this: offending rows are swapped with rows of other batches; None = no cap",
+    )
+    batch_mix: float = Field(
+        0.0, ge=0, le=1,
+        description="share of each batch's rows exchanged for random rows of the epoch "
+        "(0 = plan batches, 1 = random batches)",
+    )
+    curriculum: float = Field(
+        0.0, ge=0, le=1,
+        description="share of the plan's batches (in training order) over which the random "
+        "share falls linearly from 1 to batch_mix: random early, hard later; 0 = off",
+    )
     epochs: int = Field(1, ge=1, description="epochs in the plan; batches are re-drawn each epoch")
     seed: int = Field(0, ge=0, description="seeds every random choice: same seed, same plan")
     normalize: bool = Field(True, description="L2-normalise embeddings (cosine similarity)")

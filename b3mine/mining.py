@@ -16,9 +16,10 @@ from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
+from scipy.sparse.csgraph import connected_components
 
 from b3mine import clustering, storage
-from b3mine.batches import Batches, assemble_batches, cluster_affinity
+from b3mine.batches import Batches, assemble_batches, cap_similarity, cluster_affinity
 from b3mine.config import EmbeddingSource, MiningConfig
 from b3mine.embeddings import Embeddings, load_embeddings
 from b3mine.graph import degree_stats, window_graph
@@ -54,20 +55,66 @@ def build_graph(neighbours: Neighbours, config: MiningConfig) -> sp.csr_matrix:
     return window_graph(neighbours.window(config.p, config.m), mutual=config.graph == "mutual")
 
 
-def make_clusters(graph: sp.csr_matrix, config: MiningConfig) -> clustering.Clusters:
-    return clustering.cluster(graph, config)
+def near_duplicate_rows(emb: Embeddings, neighbours: Neighbours, config: MiningConfig
+                        ) -> np.ndarray:
+    """Rows to leave out under ``config.near_duplicates`` (sorted; empty when it is None).
+
+    Candidates are each query's top ``max(p, 10)`` teacher ranks; two rows are near-duplicates
+    when their queries or their targets have cosine >= the threshold. Each connected group
+    keeps its lowest row."""
+    thr = config.near_duplicates
+    if thr is None:
+        return np.zeros(0, np.int64)
+    n = emb.n_rows
+    cand = neighbours.rows[:, : max(config.p, 10)]
+    i = np.repeat(np.arange(n), cand.shape[1])
+    j = cand.reshape(-1)
+    ok = (j >= 0) & (j != i)
+    i, j = i[ok], j[ok]
+    q, t = emb.queries, emb.target_matrix
+    sim = np.maximum(np.einsum("nd,nd->n", q[i], q[j]), np.einsum("nd,nd->n", t[i], t[j]))
+    dup = sim >= thr
+    links = sp.csr_matrix((np.ones(int(dup.sum()), np.int8), (i[dup], j[dup])), shape=(n, n))
+    _, label = connected_components(links, directed=False)
+    first = np.full(label.max() + 1, n, np.int64)
+    np.minimum.at(first, label, np.arange(n))
+    return np.flatnonzero(first[label] != np.arange(n))
+
+
+def make_clusters(graph: sp.csr_matrix, config: MiningConfig,
+                  exclude: np.ndarray | None = None) -> clustering.Clusters:
+    """Clusters of the graph; rows in ``exclude`` (near-duplicates) are in none, listed as
+    dropped."""
+    if config.near_duplicates is not None and exclude is None:
+        raise ValueError("near_duplicates needs the rows to exclude (near_duplicate_rows); "
+                         "this engine does not compute them: leave near_duplicates unset")
+    if exclude is None or not len(exclude):
+        return clustering.cluster(graph, config)
+    keep = np.setdiff1d(np.arange(graph.shape[0]), exclude)
+    found = clustering.cluster(graph[keep][:, keep].tocsr(), config)
+    return clustering.Clusters(keep[found.members], found.padded,
+                               np.sort(np.concatenate([keep[found.dropped], exclude])),
+                               found.community_sizes)
 
 
 def make_batches(clusters: clustering.Clusters, config: MiningConfig,
-                 graph: sp.csr_matrix | None = None) -> Batches:
+                 graph: sp.csr_matrix | None = None, emb: Embeddings | None = None) -> Batches:
     affinity = None
     if config.batch_grouping == "affinity":
         if graph is None:
             raise ValueError("batch_grouping='affinity' needs the graph")
         affinity = cluster_affinity(graph, clusters.members)
-    return assemble_batches(clusters.members, clusters.padded, batch_size=config.batch_size,
-                            epochs=config.epochs, seed=config.seed, last_batch=config.last_batch,
-                            affinity=affinity)
+    batches = assemble_batches(clusters.members, clusters.padded, batch_size=config.batch_size,
+                               epochs=config.epochs, seed=config.seed,
+                               last_batch=config.last_batch, affinity=affinity,
+                               mix=config.batch_mix, curriculum=config.curriculum)
+    if config.similarity_cap is not None:
+        if emb is None:
+            raise ValueError("similarity_cap needs the embeddings; this engine does not pass "
+                             "them: leave similarity_cap unset")
+        batches, _ = cap_similarity(batches, emb.queries, emb.target_matrix,
+                                    config.similarity_cap, config.seed)
+    return batches
 
 
 def make_negatives(emb: Embeddings, neighbours: Neighbours, clusters: clustering.Clusters,
@@ -158,9 +205,9 @@ def mine(
     with _timed(timings, "graph"), stage_progress(progress, "graph", 1):
         graph = build_graph(neighbours, config)
     with _timed(timings, "clusters"), stage_progress(progress, "clusters", 1):
-        clustered = make_clusters(graph, config)
+        clustered = make_clusters(graph, config, near_duplicate_rows(emb, neighbours, config))
     with _timed(timings, "batches"), stage_progress(progress, "batches", 1):
-        batches = make_batches(clustered, config, graph)
+        batches = make_batches(clustered, config, graph, emb)
     with _timed(timings, "negatives"):
         negatives = make_negatives(emb, neighbours, clustered, config, progress)
     plan = finish_plan(emb, fingerprint, config, graph, clustered, batches, negatives, out,

@@ -133,7 +133,8 @@ def _full_source(path: Path):
 
 def test_retrieval_metrics_by_hand():
     e = np.eye(5, dtype=np.float32)
-    assert retrieval_metrics(e, e) == {"recall@1": 1.0, "recall@10": 1.0, "mrr": 1.0}
+    assert retrieval_metrics(e, e) == {"recall@1": 1.0, "recall@10": 1.0, "mrr": 1.0,
+                                       "ndcg@10": 1.0}
     # Query 0 scores target 1 (0.8) above its own (0.6); the others rank theirs first.
     q = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
     t = np.array([[0.6, 0.0, 0.8], [0.8, 0.6, 0.0], [0.0, 0.0, 1.0]])
@@ -142,6 +143,7 @@ def test_retrieval_metrics_by_hand():
     m = retrieval_metrics(q, t, ks=(1, 2))
     assert m["recall@1"] == pytest.approx(2 / 3, abs=1e-6) and m["recall@2"] == 1.0
     assert m["mrr"] == pytest.approx((0.5 + 1 + 1) / 3, abs=1e-6)
+    assert m["ndcg@10"] == pytest.approx((1 / np.log2(3) + 1 + 1) / 3, abs=1e-6)
     # A collapsed model (all embeddings equal) ranks every positive last: ties count against it.
     same = np.ones((4, 3))
     assert retrieval_metrics(same, same)["recall@1"] == 0.0

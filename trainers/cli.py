@@ -2,6 +2,7 @@
 
     b3mine train                                   # student, InfoNCE, B3 plan mined on train
     b3mine train --sampler random --batch-size 32 --steps 600
+    b3mine train --model static --sampler random   # pretrained static student (model2vec)
     b3mine train --plan http://localhost:8000/v1/plans/<id> --model minilm --steps 200
     b3mine train --config run.toml --seed 3        # flags override the file
     b3mine train --resume                          # continue the run in --output-dir
@@ -47,7 +48,7 @@ def train(
     config_file: Annotated[Optional[Path], typer.Option(
         "--config", exists=True, dir_okay=False,
         help="JSON/TOML TrainConfig; the flags below override it")] = None,
-    model: Annotated[Optional[str], typer.Option(help="student | minilm")] = None,
+    model: Annotated[Optional[str], typer.Option(help="student | static | minilm")] = None,
     objective: Annotated[Optional[str], typer.Option(help="infonce | sogclr | em")] = None,
     sampler: Annotated[Optional[str], typer.Option(help="plan | random | kmeans")] = None,
     plan: Annotated[Optional[str], typer.Option(
@@ -73,6 +74,9 @@ def train(
     temperature: Optional[float] = None,
     seed: Optional[int] = None,
     gradcache_chunk: Annotated[Optional[int], typer.Option(help="GradCache chunk size")] = None,
+    guide_margin: Annotated[Optional[float], typer.Option(
+        help="teacher-guided in-batch masking: drop negatives the teacher scores above the "
+             "positive minus this margin (default: off)")] = None,
     adapter_steps: Annotated[Optional[int], typer.Option(help="adapter phase 2 steps")] = None,
     transfer_steps: Annotated[Optional[int], typer.Option(help="adapter phase 3 steps")] = None,
     data: Annotated[Optional[Path], typer.Option(
@@ -100,7 +104,8 @@ def train(
         batch_grouping=batch_grouping, cluster_size=cluster_size, p=p, m=m,
         hard_negatives=hard_negatives,
         batch_size=batch_size, steps=steps, lr=lr, temperature=temperature, seed=seed,
-        gradcache_chunk=gradcache_chunk, data=str(data) if data else None, max_pairs=max_pairs,
+        gradcache_chunk=gradcache_chunk, guide_margin=guide_margin,
+        data=str(data) if data else None, max_pairs=max_pairs,
         output_dir=str(output_dir) if output_dir else None, eval_every=eval_every,
         checkpoint_every=checkpoint_every, threads=threads)
     values = base.model_dump()

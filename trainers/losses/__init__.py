@@ -17,6 +17,23 @@ padding), ``query_groups`` (B,) / ``target_groups`` (T,) int64: a pair whose gro
 and >= 0 is excluded unless it is the query's own positive (false-negative masking: duplicates,
 same document, same teacher cluster).
 
+Teacher-guided masking (GISTEmbed; ``guide_q`` (B, g), ``guide_k`` (T, g), ``guide_margin`` m,
+an absolute margin, default 0). With guide scores ``G = guide_q @ guide_k.T`` (used as given:
+pass L2-normalised teacher embeddings for cosine scores), O(B + T) memory, tiled like X:
+
+* row of query i: a pair (i, j), ``j != label_i``, is excluded from query i's row denominator
+  when ``G_ij > G_{i,label_i} - m``;
+* column c = label_i: a query i' whose positive is not c is excluded from column c's
+  denominator when ``G_{i',c} > G_{i,c} - m``. A column is shared by the queries whose
+  positive it is; its threshold is the largest of their ``G_{i,c} - m`` (the fewest
+  exclusions), and those queries are never excluded from it. Hard-negative columns have no
+  column loss, so only the row rule touches them.
+
+The positive is never excluded, so a row or column whose every negative is masked has loss 0
+(never NaN). Ties (``G_ij`` equal to the threshold) are kept; with m = 0 an exact duplicate of
+the positive is such a tie and is decided by rounding, so use m > 0 to drop duplicates
+reliably. The guide gets no gradient. Not supported by `ring_contrastive_loss`.
+
 >>> import torch
 >>> from trainers.losses import contrastive_loss
 >>> from trainers.losses.reference import naive_contrastive_loss
@@ -76,8 +93,14 @@ def contrastive_loss(
     impl: Impl = "auto",
     block_q: int | None = None,
     block_k: int | None = None,
+    guide_q: Tensor | None = None,
+    guide_k: Tensor | None = None,
+    guide_margin: float = 0.0,
 ) -> Tensor:
     """InfoNCE with logits ``scale * q @ k.T`` without materialising them (see module doc).
+
+    ``guide_q`` / ``guide_k``: teacher embeddings of the queries and targets for
+    teacher-guided in-batch masking with absolute margin ``guide_margin`` (module doc).
 
     ``impl``: "auto" = Triton on CUDA, else the pure-torch tiled path; "naive" = full logits.
     ``scale`` may be a learnable tensor (its gradient is exact); temperature = 1 / scale. The
@@ -88,6 +111,7 @@ def contrastive_loss(
         return naive_contrastive_loss(
             q, k, labels, scale, symmetric=symmetric, query_weight=query_weight,
             target_valid=target_valid, query_groups=query_groups, target_groups=target_groups,
+            guide_q=guide_q, guide_k=guide_k, guide_margin=guide_margin,
         )
     if impl == "auto":
         impl = "triton" if q.is_cuda and triton_available(q.device) else "tiled"
@@ -95,6 +119,7 @@ def contrastive_loss(
     p = prepare(
         q, k, labels, symmetric=symmetric, query_weight=query_weight, target_valid=target_valid,
         query_groups=query_groups, target_groups=target_groups, acc_dtype=acc,
+        guide_q=guide_q, guide_k=guide_k, guide_margin=guide_margin,
     )
     s = as_scale(scale, q)
     if impl == "tiled":
@@ -116,7 +141,8 @@ class TiledContrastiveLoss(nn.Module):
     """Module form of :func:`contrastive_loss` with a fixed or learnable logit scale.
 
     ``learnable=True`` stores ``log(scale)`` as a parameter (CLIP convention) clamped to
-    ``max_scale`` in forward.
+    ``max_scale`` in forward. ``guide_margin`` is the margin of teacher-guided masking, which
+    is on for a call that passes ``guide_q`` and ``guide_k``.
 
     >>> import torch
     >>> loss_fn = TiledContrastiveLoss(temperature=0.05, learnable=True)
@@ -136,8 +162,10 @@ class TiledContrastiveLoss(nn.Module):
         impl: Impl = "auto",
         block_q: int | None = None,
         block_k: int | None = None,
+        guide_margin: float = 0.0,
     ) -> None:
         super().__init__()
+        self.guide_margin = guide_margin
         init = torch.tensor(math.log(1.0 / temperature))
         if learnable:
             self.log_scale = nn.Parameter(init)
@@ -162,11 +190,14 @@ class TiledContrastiveLoss(nn.Module):
         target_valid: Tensor | None = None,
         query_groups: Tensor | None = None,
         target_groups: Tensor | None = None,
+        guide_q: Tensor | None = None,
+        guide_k: Tensor | None = None,
     ) -> Tensor:
         return contrastive_loss(
             q, k, labels, self.scale, symmetric=self.symmetric, query_weight=query_weight,
             target_valid=target_valid, query_groups=query_groups, target_groups=target_groups,
             impl=self.impl, block_q=self.block_q, block_k=self.block_k,
+            guide_q=guide_q, guide_k=guide_k, guide_margin=self.guide_margin,
         )
 
 

@@ -12,6 +12,7 @@ over ``i``, for constant weights ``alpha`` (B,) and ``beta`` (T,). The positive 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,59 @@ class PairMask:
     q_groups: Tensor | None  # (B,) int64, < 0 means "no group"
     t_groups: Tensor | None  # (T,) int64
     labels: Tensor  # (B,) int64 positive column of each query
+    guide: GuideMask | None = None  # teacher-guided exclusions (direction-specific)
+
+
+@dataclass(frozen=True)
+class GuideMask:
+    """Teacher-guided in-batch exclusions (GISTEmbed), O((B + T) g) to store.
+
+    With guide scores ``G_ij = gq_i . gk_j``, a pair (i, j) that is not the query's own positive
+    (``j != labels[i]``) is dropped from query i's **row** denominator when ``G_ij > thr_r[i]``
+    and from column j's **column** denominator when ``G_ij > thr_c[j]``. Unlike the other
+    masks it is direction-specific, so a tile has a row mask and a column mask; the guide tile
+    ``gq[rows] @ gk[cols].T`` is computed next to each logit tile, never as a B x T matrix.
+    """
+
+    gq: Tensor  # (B, g) guide embeddings of the queries
+    gk: Tensor  # (T, g) guide embeddings of the targets
+    thr_r: Tensor  # (B,) G_{i,label_i} - margin
+    thr_c: Tensor | None  # (T,) max over the column's weighted queries of the same; +inf if none
+    labels: Tensor  # (B,) the positive column of each query (never excluded)
+
+
+def guide_tiles(guide: GuideMask | None, r0: int, r1: int, c0: int,
+                c1: int) -> tuple[Tensor | None, Tensor | None]:
+    """(row-excluded, column-excluded) boolean tiles of rows [r0, r1) x columns [c0, c1).
+
+    Guide scores are computed in the guide's own dtype (at least fp32), not the float64 of the
+    CPU logits: they only decide a mask, and an fp32 product costs half."""
+    if guide is None:
+        return None, None
+    g = guide.gq[r0:r1] @ guide.gk[c0:c1].T
+    cols = torch.arange(c0, c1, device=g.device)
+    other = cols[None, :] != guide.labels[r0:r1, None]
+    row_out = (g > guide.thr_r[r0:r1, None]) & other
+    col_out = None
+    if guide.thr_c is not None:
+        col_out = (g > guide.thr_c[None, c0:c1]) & other
+    return row_out, col_out
+
+
+def direction_masks(base: Tensor | None, row_out: Tensor | None, col_out: Tensor | None,
+                    shape: tuple[int, int]) -> tuple[Tensor | None, Tensor | None]:
+    """Valid pairs for the row LSEs and for the column LSEs (None: all valid). Without guide
+    exclusions both are the same object, so callers can skip the second masked copy."""
+    if row_out is None and col_out is None:
+        m = None if base is None else base.expand(shape)
+        return m, m
+    def combine(out: Tensor | None) -> Tensor | None:
+        if out is None:
+            return base
+        return ~out if base is None else base & ~out
+    m_r = combine(row_out)
+    m_c = combine(col_out) if col_out is not None else base
+    return (None if m_r is None else m_r.expand(shape)), (None if m_c is None else m_c.expand(shape))
 
 
 def tile_mask(
@@ -96,6 +150,9 @@ def prepare(
     acc_dtype: torch.dtype,
     check: bool = True,
     total_weight: Tensor | None = None,
+    guide_q: Tensor | None = None,
+    guide_k: Tensor | None = None,
+    guide_margin: float = 0.0,
 ) -> Prepared:
     """Check shapes and build the constant weights alpha/beta of F (see module doc)."""
     if q.ndim != 2 or k.ndim != 2 or q.shape[1] != k.shape[1]:
@@ -148,4 +205,37 @@ def prepare(
         # Column j's LSE counts once per query whose positive is j.
         beta = torch.zeros(t, dtype=acc_dtype, device=dev).index_add_(0, labels, 0.5 * w)
     pos_coef = w.clone()
-    return Prepared(labels, w, alpha, beta, pos_coef, PairMask(row_ok, col_ok, qg, tg, labels))
+    guide = prepare_guide(guide_q, guide_k, guide_margin, labels, row_ok, t, symmetric
+                          ) if (guide_q is not None or guide_k is not None) else None
+    return Prepared(labels, w, alpha, beta, pos_coef,
+                    PairMask(row_ok, col_ok, qg, tg, labels, guide))
+
+
+def prepare_guide(guide_q: Tensor | None, guide_k: Tensor | None, margin: float, labels: Tensor,
+                  row_ok: Tensor | None, t: int, symmetric: bool) -> GuideMask:
+    """Check the guide embeddings and compute the O(B + T) thresholds (see `GuideMask`)."""
+    if guide_q is None or guide_k is None:
+        raise ValueError("give both guide_q and guide_k, or neither")
+    b = labels.shape[0]
+    if guide_q.ndim != 2 or guide_k.ndim != 2 or guide_q.shape[1] != guide_k.shape[1]:
+        raise ValueError(f"guide_q must be (B, g) and guide_k (T, g); got "
+                         f"{tuple(guide_q.shape)} and {tuple(guide_k.shape)}")
+    if guide_q.shape[0] != b or guide_k.shape[0] != t:
+        raise ValueError(f"guide_q must have B={b} rows and guide_k T={t}; got "
+                         f"{guide_q.shape[0]} and {guide_k.shape[0]}")
+    margin = float(margin)
+    if not math.isfinite(margin):
+        raise ValueError(f"guide_margin must be finite, got {margin}")
+    dev = labels.device
+    dtype = torch.promote_types(torch.promote_types(guide_q.dtype, guide_k.dtype), torch.float32)
+    gq = guide_q.detach().to(device=dev, dtype=dtype)
+    gk = guide_k.detach().to(device=dev, dtype=dtype)
+    pos = (gq * gk[labels]).sum(1)
+    thr_r = pos - margin
+    thr_c = None
+    if symmetric:
+        # Zero-weight queries have no column term and are out of every column denominator.
+        src = thr_r if row_ok is None else thr_r.masked_fill(~row_ok, float("-inf"))
+        thr_c = torch.full((t,), float("inf"), dtype=dtype, device=dev).scatter_reduce(
+            0, labels, src, reduce="amax", include_self=False)
+    return GuideMask(gq, gk, thr_r, thr_c, labels)

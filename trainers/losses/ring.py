@@ -247,12 +247,20 @@ def ring_contrastive_loss(
     impl: str = "auto",
     block_q: int | None = None,
     block_k: int | None = None,
+    guide_q: Tensor | None = None,
+    guide_k: Tensor | None = None,
+    guide_margin: float = 0.0,
 ) -> Tensor:
     """Global contrastive loss over all ranks' rows; pass only this rank's rows (see module doc).
 
     Call it on every rank of ``group`` with the same ``symmetric`` and with either all or no
-    ranks passing ``query_groups``/``target_groups``.
+    ranks passing ``query_groups``/``target_groups``. Teacher-guided masking (``guide_q``,
+    ``guide_k``) is not supported across ranks yet: the guide blocks would have to travel the
+    ring with the keys.
     """
+    if guide_q is not None or guide_k is not None or guide_margin:
+        raise ValueError("ring_contrastive_loss does not support guide_q/guide_k/guide_margin "
+                         "(teacher-guided masking); use contrastive_loss on all-gathered rows")
     acc = cpu_acc_dtype(q)
     raw = (torch.ones(q.shape[0], dtype=acc, device=q.device) if query_weight is None
            else query_weight.to(device=q.device, dtype=acc))

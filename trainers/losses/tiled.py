@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._common import PairMask, tile_mask
+from ._common import PairMask, direction_masks, guide_tiles, tile_mask
 
 NEG_INF = float("-inf")
 
@@ -55,14 +55,19 @@ def block_lse(
     label_rel: Tensor | None = None,
     need_cols: bool = True,
     acc: torch.dtype | None = None,
+    guide_out: tuple[Tensor | None, Tensor | None] = (None, None),
 ) -> tuple[Tensor, Tensor | None]:
-    """Row and column LSE of one tile ``s qb kb^T`` (masked pairs excluded): one matmul, both directions."""
+    """Row and column LSE of one tile ``s qb kb^T`` (masked pairs excluded): one matmul, both
+    directions. ``guide_out``: the tile's (row-excluded, column-excluded) pairs (`guide_tiles`)."""
     acc = acc or _acc_dtype(qb)
     x = s.to(acc) * (qb.to(acc) @ kb.to(acc).T)
     m = tile_mask(x.shape[0], x.shape[1], row_ok, col_ok, q_groups, t_groups, label_rel)
-    if m is not None:
-        x = x.masked_fill(~m, NEG_INF)
-    return torch.logsumexp(x, 1), (torch.logsumexp(x, 0) if need_cols else None)
+    m_r, m_c = direction_masks(m, *guide_out, x.shape)
+    x_r = x if m_r is None else x.masked_fill(~m_r, NEG_INF)
+    if not need_cols:
+        return torch.logsumexp(x_r, 1), None
+    x_c = x_r if m_c is m_r else (x if m_c is None else x.masked_fill(~m_c, NEG_INF))
+    return torch.logsumexp(x_r, 1), torch.logsumexp(x_c, 0)
 
 
 def block_grad(
@@ -79,6 +84,7 @@ def block_grad(
     q_groups: Tensor | None = None,
     t_groups: Tensor | None = None,
     label_rel: Tensor | None = None,
+    guide_out: tuple[Tensor | None, Tensor | None] = (None, None),
 ) -> tuple[Tensor, Tensor]:
     """Unscaled gradients ``(G kb, G^T qb)`` of one recomputed tile (see module doc for G).
 
@@ -86,15 +92,17 @@ def block_grad(
     acc = a_r.dtype
     qa, ka = qb.to(acc), kb.to(acc)
     x = s.to(acc) * (qa @ ka.T)
+    m = tile_mask(x.shape[0], x.shape[1], row_ok, col_ok, q_groups, t_groups, label_rel)
+    m_r, m_c = direction_masks(m, *guide_out, x.shape)
     # +inf LSE for zero weights: their exp is exactly 0, never 0 * inf.
     inf = torch.tensor(float("inf"), dtype=acc, device=x.device)
     g = a_r[:, None] * torch.exp(x - torch.where(a_r != 0, lse_r, inf)[:, None])
-    if a_c is not None and lse_c is not None:
-        g = g + a_c[None, :] * torch.exp(x - torch.where(a_c != 0, lse_c, inf)[None, :])
-    m = tile_mask(x.shape[0], x.shape[1], row_ok, col_ok, q_groups, t_groups, label_rel)
     # where(), not multiply: exp(-inf - -inf) is nan on fully masked rows/columns.
-    if m is not None:
-        g = torch.where(m, g, 0.0)
+    if m_r is not None:
+        g = torch.where(m_r, g, 0.0)
+    if a_c is not None and lse_c is not None:
+        gc = a_c[None, :] * torch.exp(x - torch.where(a_c != 0, lse_c, inf)[None, :])
+        g = g + (gc if m_c is None else torch.where(m_c, gc, 0.0))
     return g @ ka, g.T @ qa
 
 
@@ -124,6 +132,7 @@ def tiled_lse(
                 q[r0:r1], k[c0:c1], s, row_ok=_sl(mk.row_ok, r0, r1), col_ok=_sl(mk.col_ok, c0, c1),
                 q_groups=_sl(mk.q_groups, r0, r1), t_groups=_sl(mk.t_groups, c0, c1),
                 label_rel=mk.labels[r0:r1] - c0, need_cols=need_cols, acc=acc,
+                guide_out=guide_tiles(mk.guide, r0, r1, c0, c1),
             )
             run = torch.logaddexp(run, lr)
             if lse_c is not None and lc is not None:
@@ -160,6 +169,7 @@ def tiled_grad(
                 row_ok=_sl(mk.row_ok, r0, r1), col_ok=_sl(mk.col_ok, c0, c1),
                 q_groups=_sl(mk.q_groups, r0, r1), t_groups=_sl(mk.t_groups, c0, c1),
                 label_rel=mk.labels[r0:r1] - c0,
+                guide_out=guide_tiles(mk.guide, r0, r1, c0, c1),
             )
             dq[r0:r1] += gq
             dk[c0:c1] += gk

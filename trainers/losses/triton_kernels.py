@@ -79,14 +79,60 @@ def _valid_tile(
 
 
 @triton.jit
+def _load_rows(PTR, rows, n_rows, stride, DIM, BLOCK: tl.constexpr):
+    """A (len(rows), BLOCK) block of a row-major matrix, zero past n_rows and DIM."""
+    offs = tl.arange(0, BLOCK)
+    return tl.load(PTR + rows[:, None].to(tl.int64) * stride + offs[None, :],
+                   mask=(rows < n_rows)[:, None] & (offs < DIM)[None, :], other=0.0)
+
+
+@triton.jit
+def _valid_pairs(
+    rows, cols, n_rows, n_cols, ROW_OK, COL_OK, RG, CG, LAB,
+    ga, GB, THR_A, THR_B, G_DIM, stride_gb,
+    HAS_ROW_OK: tl.constexpr, HAS_COL_OK: tl.constexpr, HAS_GROUPS: tl.constexpr,
+    LABEL_ON_ROWS: tl.constexpr, HAS_GUIDE: tl.constexpr, BLOCK_G: tl.constexpr,
+    GPREC: tl.constexpr,
+):
+    """Valid pairs of one tile for the A-side LSEs and for the B-side LSEs.
+
+    They differ only under teacher-guided masking: ``ga`` is the resident A block of guide
+    embeddings, the B block is loaded here, and a pair is dropped from the A side's LSE when
+    its guide score exceeds THR_A of its row (from the B side's: THR_B of its column), unless
+    it is the query's own positive."""
+    valid = _valid_tile(rows, cols, n_rows, n_cols, ROW_OK, COL_OK, RG, CG, LAB,
+                        HAS_ROW_OK, HAS_COL_OK, HAS_GROUPS, LABEL_ON_ROWS)
+    valid_a = valid
+    valid_b = valid
+    if HAS_GUIDE:
+        rin = rows < n_rows
+        cin = cols < n_cols
+        gs = tl.dot(ga, tl.trans(_load_rows(GB, cols, n_cols, stride_gb, G_DIM, BLOCK_G)),
+                    input_precision=GPREC)
+        if LABEL_ON_ROWS:
+            lab = tl.load(LAB + rows, mask=rin, other=-1)
+            other = cols[None, :] != lab[:, None]
+        else:
+            lab = tl.load(LAB + cols, mask=cin, other=-1)
+            other = rows[:, None] != lab[None, :]
+        thr_a = tl.load(THR_A + rows, mask=rin, other=float("inf"))
+        thr_b = tl.load(THR_B + cols, mask=cin, other=float("inf"))
+        valid_a = valid & (((gs > thr_a[:, None]) & other) == 0)
+        valid_b = valid & (((gs > thr_b[None, :]) & other) == 0)
+    return valid_a, valid_b
+
+
+@triton.jit
 def _lse_fwd_kernel(
     A, Bm, SCALE, LSE_A, COL_SUM, COL_OFF,
     ROW_OK, COL_OK, RG, CG, LAB,
+    GA, GB, THR_A, THR_B, G_DIM, stride_ga, stride_gb,
     n_a, n_b, D, stride_a, stride_b,
     HAS_ROW_OK: tl.constexpr, HAS_COL_OK: tl.constexpr, HAS_GROUPS: tl.constexpr,
     LABEL_ON_ROWS: tl.constexpr, DO_COL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
+    HAS_GUIDE: tl.constexpr, BLOCK_G: tl.constexpr, GPREC: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -99,6 +145,9 @@ def _lse_fwd_kernel(
     if DOT_F32:  # interpreter only: its bf16 tl.dot is wrong, so feed fp32
         a = a.to(tl.float32)
     s2 = tl.load(SCALE).to(tl.float32) * 1.4426950408889634  # base-2 logits: exp2 is the fast path
+    ga = 0.0
+    if HAS_GUIDE:
+        ga = _load_rows(GA, rows, n_a, stride_ga, G_DIM, BLOCK_G)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     for start in range(0, n_b, BLOCK_N):
@@ -109,16 +158,19 @@ def _lse_fwd_kernel(
         if DOT_F32:
             b = b.to(tl.float32)
         x = tl.dot(a, tl.trans(b), input_precision=PRECISION) * s2
-        valid = _valid_tile(rows, cols, n_a, n_b, ROW_OK, COL_OK, RG, CG, LAB,
-                            HAS_ROW_OK, HAS_COL_OK, HAS_GROUPS, LABEL_ON_ROWS)
-        x = tl.where(valid, x, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(x, 1))
+        valid_a, valid_b = _valid_pairs(
+            rows, cols, n_a, n_b, ROW_OK, COL_OK, RG, CG, LAB, ga, GB, THR_A, THR_B, G_DIM,
+            stride_gb, HAS_ROW_OK, HAS_COL_OK, HAS_GROUPS, LABEL_ON_ROWS, HAS_GUIDE, BLOCK_G,
+            GPREC)
+        xa = tl.where(valid_a, x, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(xa, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l_i = l_i * tl.exp2(m_i - m_use) + tl.sum(tl.exp2(x - m_use[:, None]), 1)
+        l_i = l_i * tl.exp2(m_i - m_use) + tl.sum(tl.exp2(xa - m_use[:, None]), 1)
         m_i = m_new
         if DO_COL:
             off = tl.load(COL_OFF + cols, mask=cin, other=0.0)
-            tl.atomic_add(COL_SUM + cols, tl.sum(tl.exp2(x - off[None, :]), 0), mask=cin)
+            xb = tl.where(valid_b, x, float("-inf"))
+            tl.atomic_add(COL_SUM + cols, tl.sum(tl.exp2(xb - off[None, :]), 0), mask=cin)
     lse = tl.where(l_i > 0, m_i + tl.log2(l_i), float("-inf"))
     tl.store(LSE_A + rows, lse, mask=rin)
 
@@ -127,11 +179,13 @@ def _lse_fwd_kernel(
 def _lse_bwd_kernel(
     A, Bm, SCALE, LSE_A, LSE_B, W_A, W_B, DA,
     ROW_OK, COL_OK, RG, CG, LAB,
+    GA, GB, THR_A, THR_B, G_DIM, stride_ga, stride_gb,
     n_a, n_b, D, stride_a, stride_b, stride_da,
     HAS_ROW_OK: tl.constexpr, HAS_COL_OK: tl.constexpr, HAS_GROUPS: tl.constexpr,
     LABEL_ON_ROWS: tl.constexpr, TERM_A: tl.constexpr, TERM_B: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
+    HAS_GUIDE: tl.constexpr, BLOCK_G: tl.constexpr, GPREC: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -143,6 +197,9 @@ def _lse_bwd_kernel(
     if DOT_F32:  # interpreter only: its bf16 tl.dot is wrong, so feed fp32
         a = a.to(tl.float32)
     s2 = tl.load(SCALE).to(tl.float32) * 1.4426950408889634
+    ga = 0.0
+    if HAS_GUIDE:
+        ga = _load_rows(GA, rows, n_a, stride_ga, G_DIM, BLOCK_G)
     if TERM_A:
         lse_a = tl.load(LSE_A + rows, mask=rin, other=0.0)
         w_a = tl.load(W_A + rows, mask=rin, other=0.0)
@@ -155,17 +212,18 @@ def _lse_bwd_kernel(
         if DOT_F32:
             b = b.to(tl.float32)
         x = tl.dot(a, tl.trans(b), input_precision=PRECISION) * s2
-        valid = _valid_tile(rows, cols, n_a, n_b, ROW_OK, COL_OK, RG, CG, LAB,
-                            HAS_ROW_OK, HAS_COL_OK, HAS_GROUPS, LABEL_ON_ROWS)
+        valid_a, valid_b = _valid_pairs(
+            rows, cols, n_a, n_b, ROW_OK, COL_OK, RG, CG, LAB, ga, GB, THR_A, THR_B, G_DIM,
+            stride_gb, HAS_ROW_OK, HAS_COL_OK, HAS_GROUPS, LABEL_ON_ROWS, HAS_GUIDE, BLOCK_G,
+            GPREC)
+        # where(), not a product: fully masked rows/columns have lse = -inf (inf * 0 = nan).
         g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         if TERM_A:
-            g += w_a[:, None] * tl.exp2(x - lse_a[:, None])
+            g += tl.where(valid_a, w_a[:, None] * tl.exp2(x - lse_a[:, None]), 0.0)
         if TERM_B:
             lse_b = tl.load(LSE_B + cols, mask=cin, other=0.0)
             w_b = tl.load(W_B + cols, mask=cin, other=0.0)
-            g += w_b[None, :] * tl.exp2(x - lse_b[None, :])
-        # where(), not a product: fully masked rows/columns have lse = -inf (inf * 0 = nan).
-        g = tl.where(valid, g, 0.0)
+            g += tl.where(valid_b, w_b[None, :] * tl.exp2(x - lse_b[None, :]), 0.0)
         acc = tl.dot(g.to(b.dtype), b, acc, input_precision=PRECISION)
     tl.store(DA + rows[:, None].to(tl.int64) * stride_da + offs_d[None, :], acc,
              mask=rin[:, None] & dmask[None, :])
@@ -212,6 +270,21 @@ class _Side:
         )
         self.flags = dict(HAS_ROW_OK=rok is not None, HAS_COL_OK=cok is not None,
                           HAS_GROUPS=has_g, LABEL_ON_ROWS=not transposed)
+        g = mask.guide
+        fdummy = dummy.float()
+        if g is None:
+            self.guide: tuple[Any, ...] = (fdummy, fdummy, fdummy, fdummy, 0, 0, 0)
+            self.flags.update(HAS_GUIDE=False, BLOCK_G=16, GPREC="ieee")
+            return
+        # Guide scores in fp32 (exact under the interpreter, TF32 on GPU like the logits).
+        gq, gk = g.gq.float().contiguous(), g.gk.float().contiguous()
+        thr_r = g.thr_r.float().contiguous()
+        thr_c = (torch.full((gk.shape[0],), float("inf"), device=gk.device)
+                 if g.thr_c is None else g.thr_c.float().contiguous())
+        ga, gb, ta, tb = (gk, gq, thr_c, thr_r) if transposed else (gq, gk, thr_r, thr_c)
+        self.guide = (ga, gb, ta, tb, ga.shape[1], ga.stride(0), gb.stride(0))
+        self.flags.update(HAS_GUIDE=True, BLOCK_G=max(16, triton.next_power_of_2(ga.shape[1])),
+                          GPREC="ieee" if _interpret() else "tf32")
 
 
 def triton_lse(
@@ -256,7 +329,7 @@ def triton_lse(
         col_sum = torch.zeros(t, dtype=torch.float32, device=q.device)
     grid = (triton.cdiv(b, cfg["BLOCK_M"]),)
     _lse_fwd_kernel[grid](
-        q, k, sf, lse_r, col_sum, col_off, *fwd.ptrs, b, t, d, q.stride(0), k.stride(0),
+        q, k, sf, lse_r, col_sum, col_off, *fwd.ptrs, *fwd.guide, b, t, d, q.stride(0), k.stride(0),
         DO_COL=do_col, PRECISION=prec, DOT_F32=_dot_f32(q.dtype), **fwd.flags, **cfg,
     )
     lse_r = lse_r * LN2
@@ -273,7 +346,7 @@ def triton_lse(
             bwd = _Side(mask, True, dummy)
             lc2 = torch.empty(t, dtype=torch.float32, device=q.device)
             _lse_fwd_kernel[(triton.cdiv(t, cfg["BLOCK_M"]),)](
-                k, q, sf, lc2, col_sum, col_off, *bwd.ptrs, t, b, d, k.stride(0), q.stride(0),
+                k, q, sf, lc2, col_sum, col_off, *bwd.ptrs, *bwd.guide, t, b, d, k.stride(0), q.stride(0),
                 DO_COL=False, PRECISION=prec, DOT_F32=_dot_f32(q.dtype), **bwd.flags, **cfg,
             )
             lse_c = lc2 * LN2
@@ -320,12 +393,12 @@ def triton_grad(
     dk = torch.empty(t, d, dtype=torch.float32, device=q.device)
     f = _Side(mask, False, dummy)
     _lse_bwd_kernel[(triton.cdiv(b, cfg["BLOCK_M"]),)](
-        q, k, sf, lr2, lc2, wr, wc, dq, *f.ptrs, b, t, d, q.stride(0), k.stride(0), dq.stride(0),
+        q, k, sf, lr2, lc2, wr, wc, dq, *f.ptrs, *f.guide, b, t, d, q.stride(0), k.stride(0), dq.stride(0),
         TERM_A=True, TERM_B=sym, PRECISION=prec, DOT_F32=_dot_f32(q.dtype), **f.flags, **cfg,
     )
     tr = _Side(mask, True, dummy)
     _lse_bwd_kernel[(triton.cdiv(t, cfg["BLOCK_M"]),)](
-        k, q, sf, lc2, lr2, wc, wr, dk, *tr.ptrs, t, b, d, k.stride(0), q.stride(0), dk.stride(0),
+        k, q, sf, lc2, lr2, wc, wr, dk, *tr.ptrs, *tr.guide, t, b, d, k.stride(0), q.stride(0), dk.stride(0),
         TERM_A=sym, TERM_B=True, PRECISION=prec, DOT_F32=_dot_f32(q.dtype), **tr.flags, **cfg,
     )
     return dq / c, dk / c

@@ -12,15 +12,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from typing import Literal
 
 from pydantic import Field, model_validator
 
 from b3mine.config import FrozenConfig
 
-ModelKind = Literal["student", "minilm"]
+ModelKind = Literal["student", "static", "minilm"]
 Objective = Literal["infonce", "sogclr", "em"]
 SamplerKind = Literal["plan", "random", "kmeans"]
+
+# Peak learning rate per model when ``lr`` is None. The static student's was chosen on a
+# validation split carved out of the demo train split (docs/reference-trainer.md).
+DEFAULT_LR: dict[str, float] = {"student": 2e-3, "static": 3e-2, "minilm": 2e-5}
 
 
 
@@ -54,9 +59,12 @@ class TrainConfig(FrozenConfig):
 
     # -- model ---------------------------------------------------------------------------------
     model: ModelKind = Field("student", description="student = EmbeddingBag+Linear from scratch "
-                             "over the MiniLM vocabulary (fast on CPU); minilm = fine-tune "
-                             "all-MiniLM-L6-v2")
+                             "over the MiniLM vocabulary (fast on CPU); static = the model2vec "
+                             "distillation of all-MiniLM-L6-v2 (pretrained, fast on CPU); "
+                             "minilm = fine-tune all-MiniLM-L6-v2 (slow, GPU)")
     student_dim: int = Field(256, ge=8, description="student token-embedding width")
+    static_dim: int = Field(256, ge=8, description="static student: PCA width of the "
+                            "distillation (each width is distilled once and cached)")
     embed_dim: int = Field(256, ge=8, description="student output width")
 
     # -- objective -----------------------------------------------------------------------------
@@ -66,6 +74,10 @@ class TrainConfig(FrozenConfig):
     gamma: float = Field(0.9, gt=0, le=1, description="SogCLR moving-average weight")
     em_momentum: float = Field(0.9, ge=0, lt=1, description="EM: running Z estimate momentum")
     gradcache_chunk: int | None = Field(None, ge=1, description="GradCache chunk (None = off)")
+    guide_margin: float | None = Field(None, description="teacher-guided in-batch masking "
+                                       "(GISTEmbed): drop an in-batch negative whose teacher "
+                                       "similarity exceeds the positive's minus this absolute "
+                                       "margin; None = off. InfoNCE only")
 
     # -- batches -------------------------------------------------------------------------------
     sampler: SamplerKind = Field("plan", description="plan = B3 plan; random; kmeans = "
@@ -83,8 +95,8 @@ class TrainConfig(FrozenConfig):
     # -- optimisation --------------------------------------------------------------------------
     batch_size: int = Field(128, ge=2)
     steps: int = Field(400, ge=1)
-    lr: float | None = Field(None, gt=0, description="peak learning rate; None = 2e-3 for the "
-                             "student (from scratch), 2e-5 for MiniLM (fine-tuning)")
+    lr: float | None = Field(None, gt=0, description="peak learning rate; None = DEFAULT_LR of "
+                             "the model (student 2e-3 from scratch, static 3e-2, MiniLM 2e-5)")
     weight_decay: float = Field(0.01, ge=0)
     warmup: float = Field(0.1, ge=0, lt=1, description="share of steps with linear warm-up")
     seed: int = Field(0, ge=0)
@@ -102,6 +114,11 @@ class TrainConfig(FrozenConfig):
         if self.batch_size % self.plan_cluster_size:
             raise ValueError(f"batch_size {self.batch_size} must be a multiple of cluster_size "
                              f"{self.plan_cluster_size}")
+        if self.guide_margin is not None and self.objective != "infonce":
+            raise ValueError(f"guide_margin (teacher-guided masking) needs objective='infonce', "
+                             f"got objective={self.objective!r}")
+        if self.guide_margin is not None and not math.isfinite(self.guide_margin):
+            raise ValueError(f"guide_margin must be a finite number, got {self.guide_margin}")
         if self.hard_negatives and self.sampler != "plan":
             raise ValueError("hard_negatives needs sampler='plan' (the negatives come from it)")
         return self
@@ -110,7 +127,7 @@ class TrainConfig(FrozenConfig):
     def learning_rate(self) -> float:
         if self.lr is not None:
             return self.lr
-        return 2e-3 if self.model == "student" else 2e-5
+        return DEFAULT_LR[self.model]
 
     @property
     def plan_cluster_size(self) -> int:

@@ -46,13 +46,14 @@ class PairData:
     vocab_size: int
 
 
-def held_out(ids: np.ndarray, fraction: float) -> np.ndarray:
-    """Boolean mask of the eval rows: sha256("heldout", id) below ``fraction`` of its range.
+def held_out(ids: np.ndarray, fraction: float, salt: str = "heldout") -> np.ndarray:
+    """Boolean mask of the eval rows: sha256(salt, id) below ``fraction`` of its range.
 
     Salted on purpose: `b3mine.demo` samples ``max_pairs`` by the smallest *unsalted* sha256,
-    so an unsalted rule would put a whole demo sample into the held-out side."""
+    so an unsalted rule would put a whole demo sample into the held-out side; a corpus that
+    sets a test split aside first uses another salt, so the two splits are independent."""
     cut = int(fraction * 2**64)
-    return np.array([int.from_bytes(hashlib.sha256(f"heldout\0{i}".encode()).digest()[:8],
+    return np.array([int.from_bytes(hashlib.sha256(f"{salt}\0{i}".encode()).digest()[:8],
                                     "big") < cut for i in ids.tolist()], dtype=bool)
 
 
@@ -152,8 +153,15 @@ def read_pairs(path: Path) -> pa.Table:
     return table
 
 
-@lru_cache(maxsize=4)
-def _load(data: str | None, max_pairs: int | None, fraction: float, max_length: int) -> PairData:
+def read_split(path: str | Path, max_length: int = 128) -> Split:
+    """Every pair of a Parquet file as one `Split` (e.g. a test file kept apart from ``data``)."""
+    return _load(str(path), None, None, max_length).train
+
+
+@lru_cache(maxsize=6)
+def _load(data: str | None, max_pairs: int | None, fraction: float | None,
+          max_length: int) -> PairData:
+    """``fraction=None`` keeps every row on the train side (nothing held out)."""
     path = Path(data) if data else demo_path()
     table = read_pairs(path)
     ids = np.asarray(table.column("id").to_numpy(zero_copy_only=False))
@@ -164,7 +172,7 @@ def _load(data: str | None, max_pairs: int | None, fraction: float, max_length: 
     qe, te = _vectors(table, "query_embedding")[keep], _vectors(table, "target_embedding")[keep]
     tokens, vocab = tokenize(qt + tt, max_length)
     qtok, ttok = _trim(tokens[: len(qt)]), _trim(tokens[len(qt):])
-    mask = held_out(ids, fraction)
+    mask = held_out(ids, fraction) if fraction is not None else np.zeros(len(ids), bool)
     tr, ev = np.flatnonzero(~mask), np.flatnonzero(mask)
     return PairData(train=_split(tr, ids, qt, tt, qe, te, qtok, ttok),
                     eval=_split(ev, ids, qt, tt, qe, te, qtok, ttok),

@@ -7,7 +7,8 @@ each query (SogCLR and EM keep per-example state indexed by it). ``state_dict`` 
 buffers so that checkpoints resume them.
 
 * ``infonce``: `trainers.losses.TiledContrastiveLoss` (exact InfoNCE, tiled; symmetric by
-  default), temperature fixed.
+  default), temperature fixed; with ``guide_margin`` set, the loop passes the teacher
+  embeddings of the batch rows as ``guide_q`` / ``guide_k`` (teacher-guided masking).
 * ``sogclr``: `trainers.losses.sogclr.SogCLRLoss` (ALGORITHMS.md §4).
 * ``em``: `trainers.losses.em.GradientBiasEMLoss` (ALGORITHMS.md §5).
 
@@ -47,7 +48,13 @@ class Objective(nn.Module):
         self.name, self.loss, self.needs_indices = name, loss, needs_indices
 
     def forward(self, q: Tensor, k: Tensor, labels: Tensor | None = None,
-                indices: Tensor | None = None) -> Tensor:
+                indices: Tensor | None = None, guide_q: Tensor | None = None,
+                guide_k: Tensor | None = None) -> Tensor:
+        if guide_q is not None or guide_k is not None:
+            if self.name != "infonce":
+                raise ValueError(f"teacher-guided masking needs objective infonce, not "
+                                 f"{self.name}")
+            return self.loss(q, k, labels, guide_q=guide_q, guide_k=guide_k)
         if not self.needs_indices:
             return self.loss(q, k, labels)
         if indices is None:
@@ -59,8 +66,10 @@ def build_objective(config: TrainConfig, n_examples: int) -> Objective:
     if config.objective == "infonce":
         from trainers.losses import TiledContrastiveLoss
 
+        margin = 0.0 if config.guide_margin is None else config.guide_margin
         return Objective("infonce", TiledContrastiveLoss(config.temperature,
-                                                         symmetric=config.symmetric), False)
+                                                         symmetric=config.symmetric,
+                                                         guide_margin=margin), False)
     if config.objective == "sogclr":
         cls = import_method("trainers.losses.sogclr", "SogCLRLoss", "objective='sogclr'")
         return Objective("sogclr", cls(n_examples, tau=config.temperature, gamma=config.gamma),
