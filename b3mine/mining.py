@@ -28,6 +28,7 @@ from b3mine.plan import (
     BatchPlan,
     DatasetInfo,
     PlanCounts,
+    PlanLineage,
     PlanTables,
     plan_id_for,
     write_plan,
@@ -119,6 +120,7 @@ def mine(
     *,
     progress: ProgressCallback | None = None,
     report: bool = True,
+    lineage: PlanLineage | None = None,
 ) -> BatchPlan:
     """Mine a batch plan and write it atomically under ``out/<plan_id>``.
 
@@ -146,7 +148,7 @@ def mine(
     with _timed(timings, "negatives"):
         negatives = make_negatives(emb, neighbours, clustered, config, progress)
     return finish_plan(emb, fingerprint, config, graph, clustered, batches, negatives, out,
-                       timings=timings, progress=progress, report=report)
+                       timings=timings, progress=progress, report=report, lineage=lineage)
 
 
 def finish_plan(
@@ -162,6 +164,7 @@ def finish_plan(
     timings: dict[str, float] | None = None,
     progress: ProgressCallback | None = None,
     report: bool = True,
+    lineage: PlanLineage | None = None,
 ) -> BatchPlan:
     """Report, assemble and atomically write the plan (the last stage of every engine)."""
     timings = dict(timings or {})
@@ -194,4 +197,5 @@ def finish_plan(
     with stage_progress(progress, "write", 1):
         return write_plan(out, config=config, dataset=dataset,
                           counts=plan_counts(c, batches, graph, config), tables=tables,
-                          stats=stats, plan_id=plan_id_for(fingerprint, config))
+                          stats=stats, plan_id=plan_id_for(fingerprint, config),
+                          lineage=lineage)

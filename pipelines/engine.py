@@ -37,7 +37,7 @@ from distributed import Client, Future, as_completed
 from b3mine.config import EmbeddingSource, MiningConfig
 from b3mine.embeddings import Embeddings, check_minimum_rows
 from b3mine.errors import B3MineError
-from b3mine.plan import MANIFEST, BatchPlan, plan_id_for
+from b3mine.plan import MANIFEST, BatchPlan, PlanLineage, plan_id_for
 from b3mine.progress import ProgressCallback
 
 from pipelines import stages
@@ -136,6 +136,7 @@ def run_job(
     keep_work: bool = False,
     report: bool = True,
     retries: int = 1,
+    lineage: PlanLineage | None = None,
 ) -> JobResult:
     """Run (or resume) the job and return its plan and what each stage did.
 
@@ -168,7 +169,7 @@ def run_job(
                  threads_per_worker=threads_per_worker) as dask:
         job.client = dask
         result = job.run(src, shard_rows=shard_rows, blocks_per_task=blocks_per_task,
-                         target_shards=target_shards, report=report)
+                         target_shards=target_shards, report=report, lineage=lineage)
     write_json(record, {"job_id": job_id, "state": "done", "stage": "write", "fraction": 1.0,
                         "plan_id": result.plan.plan_id, "plan": str(result.plan.path),
                         "stages": result.stages, "timings": result.timings,
@@ -271,7 +272,8 @@ class _Job:
 
     # -- the stages --------------------------------------------------------------------------
     def run(self, source: EmbeddingSource, *, shard_rows: int, blocks_per_task: int,
-            target_shards: int, report: bool) -> JobResult:
+            target_shards: int, report: bool, lineage: PlanLineage | None = None
+            ) -> JobResult:
         config = self.config
         load = self.stage("load", lambda: self._load(source, shard_rows))
         plan_id = plan_id_for(load["fingerprint"], config)
@@ -294,7 +296,7 @@ class _Job:
         timings = {s: float(self.metas[s]["seconds"]) for s in PIPELINE_STAGES[:-1]}
         written = self.stage("write", lambda: {"plan": self.one(
             "write", stages.write_task, self.root, config, str(self.out), self.metas, timings,
-            report=report)})
+            report=report, lineage=lineage)})
         timings["write"] = float(written["seconds"])
         self.progress_file.finish("done", plan_id=plan_id)
         return JobResult(plan=BatchPlan.open(written["plan"]), job_id=self.job_id,

@@ -40,6 +40,7 @@ from b3mine.mining import (
     make_negatives,
 )
 from b3mine.neighbours import Neighbours, build_index, resolve_device, search_index, torch_search
+from b3mine.plan import PlanLineage
 
 from pipelines.checkpoints import WorkDir, atomic_path, write_parquet
 
@@ -584,7 +585,8 @@ def read_negatives(work: WorkDir, meta: dict[str, Any]) -> np.ndarray | None:
 
 
 def write_task(work_root: str, config: MiningConfig, out: str, metas: dict[str, dict[str, Any]],
-               timings: dict[str, float], report: bool = True, fail: bool = False) -> str:
+               timings: dict[str, float], report: bool = True, fail: bool = False,
+               lineage: PlanLineage | None = None) -> str:
     """Report and atomic write of the plan (``b3mine.mining.finish_plan``)."""
     _maybe_fail("write", fail)
     work = WorkDir(work_root)
@@ -595,7 +597,7 @@ def write_task(work_root: str, config: MiningConfig, out: str, metas: dict[str, 
     batches = read_batches(work, metas["batches"])
     negatives = read_negatives(work, metas["negatives"])
     plan = finish_plan(emb, load["fingerprint"], config, graph, clustered, batches, negatives,
-                       out, timings=timings, report=report)
+                       out, timings=timings, report=report, lineage=lineage)
     return str(plan.path)
 
 

@@ -23,6 +23,7 @@ from typing import Any
 
 from b3mine.config import EmbeddingSource, MiningConfig
 from b3mine.errors import B3MineError
+from b3mine.plan import PlanLineage
 
 from service.datasets import PATH_FIELDS, absolute_source, is_url
 from service.jobs import Interrupted, JobRegistry, new_owner
@@ -79,7 +80,8 @@ class JobRunner:
         try:
             source = EmbeddingSource.model_validate_json(job.dataset)
             config = MiningConfig.model_validate_json(job.config)
-            plan = self._mine(job_id, source, config, job.engine)
+            lineage = PlanLineage.model_validate_json(job.lineage) if job.lineage else None
+            plan = self._mine(job_id, source, config, job.engine, lineage)
         except Interrupted as exc:
             if exc.reason == "cancelled":
                 self._finish(job_id, "cancelled", error="cancelled by request")
@@ -116,8 +118,8 @@ class JobRunner:
 
         return progress
 
-    def _mine(self, job_id: str, source: EmbeddingSource, config: MiningConfig, engine: str
-              ) -> Any:
+    def _mine(self, job_id: str, source: EmbeddingSource, config: MiningConfig, engine: str,
+              lineage: PlanLineage | None = None) -> Any:
         from b3mine.cli import run_engine
 
         settings = self.settings
@@ -129,7 +131,7 @@ class JobRunner:
             options = dict(settings.engine_options)
         progress = self._progress_callback(job_id)
         progress("start", 0.0)  # first registry touch: honours a cancel sent before we began
-        return run_engine(engine, source, config, settings.plans, options, progress)
+        return run_engine(engine, source, config, settings.plans, options, progress, lineage)
 
 
 def _materialise_urls(source: EmbeddingSource, settings: Settings) -> EmbeddingSource:
