@@ -219,8 +219,11 @@ class ServiceSubmitter:
     def exists(self, plan_id: str) -> bool:
         import httpx
 
-        r = httpx.get(f"{self.url}/v1/plans/{plan_id}", headers=self._headers(),
-                      timeout=self.timeout)
+        try:
+            r = httpx.get(f"{self.url}/v1/plans/{plan_id}", headers=self._headers(),
+                          timeout=self.timeout)
+        except httpx.HTTPError:  # unreachable now: the job submission reports it, in the
+            return False         # background, and the old plan keeps serving
         return r.status_code == 200
 
     def mine(self, path: Path, config: MiningConfig, lineage: PlanLineage) -> str:
