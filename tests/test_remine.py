@@ -198,3 +198,23 @@ def test_sentence_transformers_callback_switches_to_the_students_plan(tmp_path) 
     # steps 1-4: the teacher plan's epoch 0; step 5: the student plan's epoch 1
     assert seen[:4] == teacher.batch_rows(0).tolist()
     assert seen[4] == new.batch_rows(1)[0].tolist()
+
+
+def test_cli_flags_reach_the_config_and_bad_combinations_are_refused(
+        pairs_path, tmp_path, monkeypatch) -> None:  # noqa: F811
+    from trainers.cli import train as cli_train
+    from trainers.train.config import TrainConfig
+
+    monkeypatch.chdir(tmp_path)  # the default plans_dir is relative
+    out = tmp_path / "cli"
+    cli_train(data=pairs_path, batch_size=32, steps=12, seed=1, output_dir=out,
+              remine_every=4, remine_teacher_weight=0.5, progress=False)
+    saved = json.loads((out / "config.json").read_text())
+    assert (saved["remine_every"], saved["remine_teacher_weight"]) == (4, 0.5)
+    events = remine_events(out)
+    assert [(e["step"], e["event"]) for e in events if e["event"] != "mined"] == [
+        (4, "submitted"), (8, "skipped"), (10, "switched")]
+    with pytest.raises(ValueError, match="remine_service_data"):
+        TrainConfig(remine_every=4, remine_service="http://127.0.0.1:1")
+    with pytest.raises(ValueError, match="needs sampler='plan'"):
+        TrainConfig(remine_every=4, sampler="random")
