@@ -31,12 +31,15 @@ def _engines() -> dict[str, Any]:
 
 
 def run_engine(engine: str, source: EmbeddingSource, config: MiningConfig, out: Path,
-               options: dict[str, Any], progress) -> Any:
-    """Mine with the named engine: ``local`` (in-process) or one registered by entry point."""
+               options: dict[str, Any], progress, lineage: Any = None) -> Any:
+    """Mine with the named engine: ``local`` (in-process) or one registered by entry point.
+    ``lineage`` (a `b3mine.plan.PlanLineage`) is recorded in the plan's manifest."""
     if engine == "local":
         from b3mine.mining import mine
 
-        return mine(source, config, out, progress=progress)
+        return mine(source, config, out, progress=progress, lineage=lineage)
+    if lineage is not None:
+        options = {**options, "lineage": lineage}
     engines = _engines()
     if engine not in engines:
         raise typer.BadParameter(f"unknown engine {engine!r}; available: local, "

@@ -30,6 +30,7 @@ from b3mine.plan import (
     DatasetInfo,
     MixtureInfo,
     PlanCounts,
+    PlanLineage,
     PlanTables,
     check_output_dir,
     plan_id_for,
@@ -173,6 +174,7 @@ def mine(
     *,
     progress: ProgressCallback | None = None,
     report: bool = True,
+    lineage: PlanLineage | None = None,
 ) -> BatchPlan:
     """Mine a batch plan and write it atomically under ``out/<plan_id>``.
 
@@ -211,7 +213,7 @@ def mine(
     with _timed(timings, "negatives"):
         negatives = make_negatives(emb, neighbours, clustered, config, progress)
     plan = finish_plan(emb, fingerprint, config, graph, clustered, batches, negatives, out,
-                       timings=timings, progress=progress, report=report)
+                       timings=timings, progress=progress, report=report, lineage=lineage)
     if publish_to:
         storage.publish_plan(plan.path, publish_to)
     return plan
@@ -234,6 +236,7 @@ def finish_plan(
     mixture: MixtureInfo | None = None,
     dataset_names: np.ndarray | None = None,
     random_rows: np.ndarray | None = None,
+    lineage: PlanLineage | None = None,
 ) -> BatchPlan:
     """Report, assemble and atomically write the plan (the last stage of every engine).
 
@@ -278,4 +281,5 @@ def finish_plan(
     with stage_progress(progress, "write", 1):
         return write_plan(out, config=config, dataset=dataset,
                           counts=plan_counts(c, batches, graph, config), tables=tables,
-                          stats=stats, plan_id=plan_id_for(fingerprint, config), mixture=mixture)
+                          stats=stats, plan_id=plan_id_for(fingerprint, config), mixture=mixture,
+                          lineage=lineage)

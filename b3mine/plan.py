@@ -35,12 +35,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from b3mine.config import MiningConfig
 from b3mine.errors import PlanError
@@ -149,6 +149,26 @@ class MixtureInfo(BaseModel):
         return np.searchsorted(starts, np.asarray(rows, dtype=np.int64), side="right") - 1
 
 
+class PlanLineage(BaseModel):
+    """Where a plan's embeddings came from: the teacher, or a student during training.
+
+    Not part of the plan id: the id hashes what decides the plan's content (embeddings and
+    config), and lineage changes neither. The first writer of a plan id records its lineage;
+    a student plan's embeddings are unique to its run and step, so in practice that is the
+    only writer. ``run`` names the training run (the trainer uses its config digest), ``parent``
+    the plan that was being trained on when the refresh started.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["teacher", "student"] = "student"
+    run: str | None = Field(None, max_length=128)
+    step: int = Field(0, ge=0, description="training step whose student embedded the pairs")
+    parent: str | None = Field(None, max_length=128, description="plan id this one refreshes")
+    teacher_weight: float = Field(0.0, ge=0, le=1, description="share of the teacher's cosine "
+                                  "in the similarity the plan was mined on")
+
+
 class PlanManifest(BaseModel):
     model_config = ConfigDict(frozen=True)
 
@@ -163,6 +183,7 @@ class PlanManifest(BaseModel):
     files: dict[str, str] = {}  # file name -> sha256
     file_sizes: dict[str, int] = {}  # file name -> bytes (object-store readers check these)
     mixture: MixtureInfo | None = None  # only in mixture plans
+    lineage: PlanLineage | None = None  # None: mined outside a training run
 
 
 @dataclass(frozen=True)
@@ -322,6 +343,7 @@ def write_plan(
     stats: dict[str, Any] | None = None,
     plan_id: str | None = None,
     mixture: MixtureInfo | None = None,
+    lineage: PlanLineage | None = None,
 ) -> BatchPlan:
     """Write a plan under ``root/<plan_id>`` atomically (temp dir + rename) and return it.
 
@@ -354,6 +376,7 @@ def write_plan(
                 files=files,
                 file_sizes={p.name: p.stat().st_size for p in written},
                 mixture=mixture,
+                lineage=lineage,
             )
             _atomic_write_text(tmp / MANIFEST, manifest.model_dump_json(indent=2))
             # what a reader will do, before anyone can see it: a plan that cannot be opened

@@ -38,7 +38,7 @@ from b3mine import storage
 from b3mine.config import EmbeddingSource, MiningConfig
 from b3mine.embeddings import Embeddings
 from b3mine.errors import B3MineError
-from b3mine.plan import MANIFEST, BatchPlan, check_output_dir, plan_id_for
+from b3mine.plan import MANIFEST, BatchPlan, PlanLineage, check_output_dir, plan_id_for
 from b3mine.progress import ProgressCallback
 from b3mine.writers import LOCK_SUFFIX, remove_orphans, writer_lock
 
@@ -147,6 +147,7 @@ def run_job(
     keep_work: bool = False,
     report: bool = True,
     retries: int = 1,
+    lineage: PlanLineage | None = None,
 ) -> JobResult:
     """Run (or resume) the job and return its plan and what each stage did.
 
@@ -189,7 +190,8 @@ def run_job(
                          threads_per_worker=threads_per_worker) as dask:
                 job.client = dask
                 result = job.run(src, shard_rows=shard_rows, blocks_per_task=blocks_per_task,
-                                 target_shards=target_shards, report=report)
+                                 target_shards=target_shards, report=report,
+                                 lineage=lineage)
         except BaseException:
             if not work.is_done("load"):  # a failed load leaves only sparse, unusable files
                 work.remove()
@@ -302,7 +304,8 @@ class _Job:
 
     # -- the stages --------------------------------------------------------------------------
     def run(self, source: EmbeddingSource, *, shard_rows: int, blocks_per_task: int,
-            target_shards: int, report: bool) -> JobResult:
+            target_shards: int, report: bool, lineage: PlanLineage | None = None
+            ) -> JobResult:
         config = self.config
         load = self.stage("load", lambda: self._load(source, shard_rows))
         plan_id = plan_id_for(load["fingerprint"], config)
@@ -334,7 +337,7 @@ class _Job:
         skipped = [s for s in before if self.statuses[s] == "skipped"]
         written = self.stage("write", lambda: {"plan": self.one(
             "write", stages.write_task, self.root, config, str(self.out), self.metas, timings,
-            report=report, skipped_stages=skipped)})
+            report=report, skipped_stages=skipped, lineage=lineage)})
         timings["write"] = float(written["seconds"])
         self.progress_file.finish("done", plan_id=plan_id)
         return JobResult(plan=BatchPlan.open(written["plan"]), job_id=self.job_id,

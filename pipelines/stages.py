@@ -51,6 +51,7 @@ from b3mine.neighbours import (
     search_index,
     torch_search,
 )
+from b3mine.plan import PlanLineage
 
 from pipelines.checkpoints import WorkDir, atomic_path, write_parquet
 
@@ -599,7 +600,8 @@ def read_negatives(work: WorkDir, meta: dict[str, Any]) -> np.ndarray | None:
 
 def write_task(work_root: str, config: MiningConfig, out: str, metas: dict[str, dict[str, Any]],
                timings: dict[str, float], report: bool = True, fail: bool = False,
-               skipped_stages: list[str] | None = None) -> str:
+               skipped_stages: list[str] | None = None,
+               lineage: PlanLineage | None = None) -> str:
     """Report and atomic write of the plan (``b3mine.mining.finish_plan``)."""
     _maybe_fail("write", fail)
     work = WorkDir(work_root)
@@ -610,7 +612,8 @@ def write_task(work_root: str, config: MiningConfig, out: str, metas: dict[str, 
     batches = read_batches(work, metas["batches"])
     negatives = read_negatives(work, metas["negatives"])
     plan = finish_plan(emb, load["fingerprint"], config, graph, clustered, batches, negatives,
-                       out, timings=timings, report=report, skipped_stages=skipped_stages)
+                       out, timings=timings, report=report, skipped_stages=skipped_stages,
+                       lineage=lineage)
     return str(plan.path)
 
 

@@ -11,15 +11,20 @@ from service.context import Context
 from service.datasets import dataset_key, normalise_source, source_fingerprint
 from service.errors import ApiError, error_responses
 from service.limits import check_plan_size
+from service.lineage import check_parent
 from service.models import JobList, JobRequest, JobStatus
 
 MAX_INT = 2**31 - 1
 
 
-def job_id_for(dataset: str, fingerprint: str, config_digest: str) -> str:
-    """Same dataset reference, same files (size/mtime), same config -> same job."""
-    h = hashlib.sha256(f"b3mine-job-v1\0{dataset}\0{fingerprint}\0{config_digest}".encode())
-    return h.hexdigest()[:24]
+def job_id_for(dataset: str, fingerprint: str, config_digest: str,
+               lineage: str | None = None) -> str:
+    """Same dataset reference, same files (size/mtime), same config (and lineage, when one is
+    given) -> same job."""
+    text = f"b3mine-job-v1\0{dataset}\0{fingerprint}\0{config_digest}"
+    if lineage is not None:  # jobs without lineage keep the ids they always had
+        text += f"\0{lineage}"
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
 def router(ctx: Context) -> APIRouter:
@@ -41,9 +46,12 @@ def router(ctx: Context) -> APIRouter:
         source = normalise_source(body.dataset, settings)
         check_plan_size(source, body.config, settings)
         key = dataset_key(source)
-        job_id = job_id_for(key, source_fingerprint(source, settings), body.config.digest())
+        check_parent(body.lineage, ctx.store.plan_ids())
+        lineage = body.lineage.model_dump_json() if body.lineage else None
+        job_id = job_id_for(key, source_fingerprint(source, settings), body.config.digest(),
+                            lineage)
         job, outcome = ctx.registry.submit(job_id, key, body.config.canonical_json(),
-                                           settings.engine)
+                                           settings.engine, lineage)
         if outcome != "existing":
             ctx.runner.submit(job_id)
         response.headers["Location"] = f"/v1/jobs/{job_id}"

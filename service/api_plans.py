@@ -15,6 +15,7 @@ from b3mine.plan import BatchPlan
 
 from service.context import Context
 from service.errors import ApiError, error_responses
+from service.lineage import lineage_family
 from service.models import BatchPage, PlanDetail, PlanList, PlanSummary, RankBatch
 from service.plans import (ARROW_STREAM, PAGE_GROUP, EpochView, dumps, etag, etag_matches,
                            json_page_chunks)
@@ -65,22 +66,25 @@ def router(ctx: Context) -> APIRouter:
     plan_id_param = Path(max_length=128, description="a plan id, as GET /v1/plans lists")
     epoch_param = Path(ge=0, le=MAX_INT)
 
-    @r.get("", response_model=PlanList, responses=error_responses(401, 403))
-    def list_all() -> PlanList:
-        """Every complete plan under the plans directory."""
-        out = []
+    @r.get("", response_model=PlanList, responses=error_responses(401, 403, 422))
+    def list_all(lineage: str | None = Query(
+            None, max_length=128, description="a training run or a plan id: only the plans "
+            "of that run (and their ancestors), or that plan and its descendants")) -> PlanList:
+        """Every complete plan under the plans directory (or one lineage family of them)."""
+        manifests = {}
         for pid in store.plan_ids():
             try:
-                plan = store.plan(pid)
+                manifests[pid] = store.plan(pid).manifest
             except ApiError:  # unreadable plans are skipped, not fatal
                 continue
-            m = plan.manifest
-            out.append(PlanSummary(
-                plan_id=pid, created_at=m.created_at, n_rows=m.dataset.n_rows,
-                epochs=m.counts.epochs, batch_size=m.counts.batch_size,
-                batches_per_epoch=m.counts.batches_per_epoch,
-                extra_negatives=m.counts.extra_negatives, url=f"/v1/plans/{pid}"))
-        return PlanList(plans=out)
+        ids = list(manifests) if lineage is None else lineage_family(
+            lineage, {pid: m.lineage for pid, m in manifests.items()})
+        return PlanList(plans=[PlanSummary(
+            plan_id=pid, created_at=m.created_at, n_rows=m.dataset.n_rows,
+            epochs=m.counts.epochs, batch_size=m.counts.batch_size,
+            batches_per_epoch=m.counts.batches_per_epoch,
+            extra_negatives=m.counts.extra_negatives, url=f"/v1/plans/{pid}",
+            lineage=m.lineage) for pid, m in ((p, manifests[p]) for p in ids)])
 
     @r.get("/{plan_id}", response_model=PlanDetail,
            responses={304: {"description": "not modified"}, **error_responses(401, 403, 404,

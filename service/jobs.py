@@ -64,7 +64,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     created_at       TEXT NOT NULL,
     updated_at       TEXT NOT NULL,
     started_at       TEXT,
-    finished_at      TEXT
+    finished_at      TEXT,
+    lineage          TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
 CREATE TABLE IF NOT EXISTS heartbeat (id INTEGER PRIMARY KEY, at TEXT NOT NULL);
@@ -93,6 +94,7 @@ class Job:
     updated_at: str
     started_at: str | None
     finished_at: str | None
+    lineage: str | None = None  # b3mine.plan.PlanLineage JSON, for the plan's manifest
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Job:
@@ -206,6 +208,9 @@ class JobRegistry:
                 self._conn.execute("ROLLBACK")
                 raise
             self._conn.execute("COMMIT")
+        columns = {r[1] for r in self._conn.execute("PRAGMA table_info(jobs)").fetchall()}
+        if "lineage" not in columns:  # a database from before job lineage
+            self._conn.execute("ALTER TABLE jobs ADD COLUMN lineage TEXT")
 
     def close(self) -> None:
         with self._lock:
@@ -251,7 +256,8 @@ class JobRegistry:
         return out
 
     # -- writes ------------------------------------------------------------------------------
-    def submit(self, job_id: str, dataset: str, config: str, engine: str
+    def submit(self, job_id: str, dataset: str, config: str, engine: str,
+               lineage: str | None = None
                ) -> tuple[Job, Literal["created", "requeued", "existing"]]:
         """Insert a queued job, re-queue a failed/cancelled one, or return the existing one."""
         def tx(c: sqlite3.Connection) -> tuple[Job, str]:
@@ -259,8 +265,8 @@ class JobRegistry:
             now = _now()
             if row is None:
                 c.execute("INSERT INTO jobs (id, state, dataset, config, engine, created_at, "
-                          "updated_at) VALUES (?, 'queued', ?, ?, ?, ?, ?)",
-                          (job_id, dataset, config, engine, now, now))
+                          "updated_at, lineage) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?)",
+                          (job_id, dataset, config, engine, now, now, lineage))
                 outcome = "created"
             elif row["state"] in ("failed", "cancelled"):
                 c.execute("UPDATE jobs SET state='queued', engine=?, stage=NULL, progress=0, "

@@ -6,7 +6,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from b3mine.config import EmbeddingSource, MiningConfig
-from b3mine.plan import PlanManifest
+from b3mine.plan import PlanLineage, PlanManifest
 
 from service.jobs import Job
 
@@ -21,6 +21,9 @@ class JobRequest(BaseModel):
     dataset: EmbeddingSource = Field(description="embeddings; paths are relative to the "
                                      "service's data root (fsspec URLs only when enabled)")
     config: MiningConfig = Field(default_factory=MiningConfig)
+    lineage: PlanLineage | None = Field(None, description="a refresh during training: the "
+                                        "dataset holds a student's embeddings, parent names "
+                                        "the plan it refreshes (see service.lineage)")
 
 
 class JobLinks(BaseModel):
@@ -47,6 +50,7 @@ class JobStatus(BaseModel):
     finished_at: str | None
     dataset: EmbeddingSource
     config: MiningConfig
+    lineage: PlanLineage | None = None
     links: JobLinks
 
     @classmethod
@@ -58,6 +62,7 @@ class JobStatus(BaseModel):
             updated_at=job.updated_at, started_at=job.started_at, finished_at=job.finished_at,
             dataset=EmbeddingSource.model_validate_json(job.dataset),
             config=MiningConfig.model_validate_json(job.config),
+            lineage=PlanLineage.model_validate_json(job.lineage) if job.lineage else None,
             links=JobLinks(self=f"/v1/jobs/{job.id}",
                            plan=f"/v1/plans/{job.plan_id}" if job.plan_id else None))
 
@@ -75,6 +80,7 @@ class PlanSummary(BaseModel):
     batches_per_epoch: int
     extra_negatives: int
     url: str
+    lineage: PlanLineage | None = None
 
 
 class PlanList(BaseModel):

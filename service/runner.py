@@ -25,7 +25,7 @@ from typing import Any
 
 from b3mine.config import EmbeddingSource, MiningConfig
 from b3mine.errors import B3MineError
-from b3mine.plan import BatchPlan
+from b3mine.plan import BatchPlan, PlanLineage
 from b3mine.progress import overall_fraction
 
 from service.datasets import (
@@ -110,7 +110,8 @@ class JobRunner:
         try:
             source = EmbeddingSource.model_validate_json(job.dataset)
             config = MiningConfig.model_validate_json(job.config)
-            plan = self._mine(job_id, source, config, job.engine)
+            lineage = PlanLineage.model_validate_json(job.lineage) if job.lineage else None
+            plan = self._mine(job_id, source, config, job.engine, lineage)
         except JobFailed as exc:
             if exc.bug:
                 log.error("job %s failed in the mining process: %s", job_id, exc)
@@ -166,8 +167,8 @@ class JobRunner:
 
         return progress
 
-    def _mine(self, job_id: str, source: EmbeddingSource, config: MiningConfig, engine: str
-              ) -> Any:
+    def _mine(self, job_id: str, source: EmbeddingSource, config: MiningConfig, engine: str,
+              lineage: PlanLineage | None = None) -> Any:
         from b3mine.cli import run_engine
 
         settings = self.settings
@@ -181,7 +182,8 @@ class JobRunner:
         progress = self._progress_callback(job_id)
         progress("start", 0.0)  # first registry touch: honours a cancel sent before we began
         if engine != "local":  # the thread only waits on the cluster
-            return run_engine(engine, source, config, settings.plans, options, progress)
+            return run_engine(engine, source, config, settings.plans, options, progress,
+                              lineage)
 
         def check() -> None:
             if self._stopping.is_set():
@@ -192,7 +194,8 @@ class JobRunner:
                 log.warning("job %s: cancel flag not readable (%s)", job_id, exc)
 
         path = mine_in_child(engine, source.model_dump_json(), config.model_dump_json(),
-                             settings.plans, options, progress, check, nice=settings.mining_nice)
+                             settings.plans, options, progress, check, nice=settings.mining_nice,
+                             lineage_json=lineage.model_dump_json() if lineage else None)
         return BatchPlan.open(path)
 
 

@@ -35,7 +35,7 @@ class JobFailed(Exception):
 
 
 def _child(conn: Connection, engine: str, source_json: str, config_json: str, out: str,
-           options: dict[str, Any], nice: int) -> None:
+           options: dict[str, Any], nice: int, lineage_json: str | None = None) -> None:
     import os
     import traceback
 
@@ -44,6 +44,7 @@ def _child(conn: Connection, engine: str, source_json: str, config_json: str, ou
 
     from b3mine.cli import run_engine
     from b3mine.config import EmbeddingSource, MiningConfig
+    from b3mine.plan import PlanLineage
 
     last = {"stage": "", "t": 0.0}
 
@@ -56,7 +57,8 @@ def _child(conn: Connection, engine: str, source_json: str, config_json: str, ou
     try:
         plan = run_engine(engine, EmbeddingSource.model_validate_json(source_json),
                           MiningConfig.model_validate_json(config_json), Path(out), options,
-                          progress)
+                          progress, PlanLineage.model_validate_json(lineage_json)
+                          if lineage_json else None)
         conn.send(("done", str(plan.path)))
     except (B3MineError, ValueError, OSError) as exc:
         conn.send(("failed", str(exc) or type(exc).__name__))
@@ -68,7 +70,8 @@ def _child(conn: Connection, engine: str, source_json: str, config_json: str, ou
 
 def mine_in_child(engine: str, source_json: str, config_json: str, out: Path,
                   options: dict[str, Any], progress: Callable[[str, float], None],
-                  check: Callable[[], None], *, nice: int = 10) -> Path:
+                  check: Callable[[], None], *, nice: int = 10,
+                  lineage_json: str | None = None) -> Path:
     """Run one job in a spawned process and return the plan's path.
 
     The child runs ``nice`` steps below the server's CPU priority. ``progress(stage,
@@ -79,7 +82,8 @@ def mine_in_child(engine: str, source_json: str, config_json: str, out: Path,
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_child, args=(child, engine, source_json, config_json, str(out),
-                                            options, nice), daemon=True, name="b3mine-mine")
+                                            options, nice, lineage_json),
+                       daemon=True, name="b3mine-mine")
     proc.start()
     child.close()
     try:

@@ -7,6 +7,7 @@
     b3mine train --config run.toml --seed 3        # flags override the file
     b3mine train --resume                          # continue the run in --output-dir
     b3mine train --overwrite                       # replace it (a fresh run there is refused)
+    b3mine train --remine-every 100                # the student re-mines its plan
 
 The function is typer-compatible: `b3mine.cli` adds it as the ``train`` sub-command.
 """
@@ -83,6 +84,18 @@ def train(
         help="Parquet of pairs (default: the demo corpus)")] = None,
     max_pairs: Annotated[Optional[int], typer.Option(help="train on a subset")] = None,
     output_dir: Annotated[Optional[Path], typer.Option(help="run directory")] = None,
+    remine_every: Annotated[Optional[int], typer.Option(
+        help="re-mine the plan with the student every N steps (trainers.remine)")] = None,
+    remine_lag: Annotated[Optional[int], typer.Option(
+        help="steps a refresh may take before training waits for it")] = None,
+    remine_teacher_weight: Annotated[Optional[float], typer.Option(
+        help="mine refreshes on a*teacher + (1-a)*student cosine")] = None,
+    remine_mode: Annotated[Optional[str], typer.Option(
+        help="refresh | probe (measure batch hardness only)")] = None,
+    remine_service: Annotated[Optional[str], typer.Option(
+        help="mine refreshes as jobs of this service, http://host:port")] = None,
+    remine_service_data: Annotated[Optional[Path], typer.Option(
+        help="that service's data root as this machine mounts it")] = None,
     eval_every: Optional[int] = None,
     checkpoint_every: Optional[int] = None,
     threads: Optional[int] = None,
@@ -107,7 +120,10 @@ def train(
         gradcache_chunk=gradcache_chunk, guide_margin=guide_margin,
         data=str(data) if data else None, max_pairs=max_pairs,
         output_dir=str(output_dir) if output_dir else None, eval_every=eval_every,
-        checkpoint_every=checkpoint_every, threads=threads)
+        checkpoint_every=checkpoint_every, threads=threads, remine_every=remine_every,
+        remine_lag=remine_lag, remine_teacher_weight=remine_teacher_weight,
+        remine_mode=remine_mode, remine_service=remine_service,
+        remine_service_data=str(remine_service_data) if remine_service_data else None)
     values = base.model_dump()
     values.update({k: v for k, v in flags.items() if v is not None})
     values["progress"] = progress

@@ -92,6 +92,23 @@ class TrainConfig(FrozenConfig):
     batch_grouping: Literal["random", "affinity"] = "affinity"
     hard_negatives: bool = Field(False, description="add the plan's HNPS negatives as targets")
 
+    # -- re-mining during training (trainers.remine) -------------------------------------------
+    remine_every: int = Field(0, ge=0, description="re-mine the plan with the student's "
+                              "embeddings every n steps (0 = never)")
+    remine_lag: int = Field(0, ge=0, description="steps a refresh may take: its plan takes "
+                            "over at the first sampler epoch boundary this many steps after it "
+                            "started (training waits there if it is not ready)")
+    remine_teacher_weight: float = Field(0.0, ge=0, lt=1, description="mine on a*teacher + "
+                                         "(1-a)*student cosine (0 = the student alone)")
+    remine_mode: Literal["refresh", "probe"] = Field("refresh", description="probe = only "
+                                                     "log how hard the batches are for the "
+                                                     "student, every remine_every steps")
+    remine_service: str | None = Field(None, description="mine refreshes as jobs of this "
+                                       "service (http://host:port); None = in this process")
+    remine_service_data: str | None = Field(None, description="the service's data root as "
+                                            "this machine mounts it (refresh embeddings are "
+                                            "written under it)")
+
     # -- optimisation --------------------------------------------------------------------------
     batch_size: int = Field(128, ge=2)
     steps: int = Field(400, ge=1)
@@ -121,6 +138,11 @@ class TrainConfig(FrozenConfig):
             raise ValueError(f"guide_margin must be a finite number, got {self.guide_margin}")
         if self.hard_negatives and self.sampler != "plan":
             raise ValueError("hard_negatives needs sampler='plan' (the negatives come from it)")
+        if self.remine_every and self.sampler != "plan":
+            raise ValueError("remine_every needs sampler='plan' (a refresh mines a new plan)")
+        if self.remine_service and not self.remine_service_data:
+            raise ValueError("remine_service needs remine_service_data, the service's data root "
+                             "as this machine sees it (the student's embeddings go there)")
         return self
 
     @property
@@ -139,5 +161,7 @@ class TrainConfig(FrozenConfig):
     def digest(self) -> str:
         """Hash of everything that changes the trajectory (not output paths or progress bars)."""
         data = self.model_dump(mode="json", exclude={"output_dir", "progress", "eval_every",
-                                                     "checkpoint_every", "threads", "plans_dir"})
+                                                     "checkpoint_every", "threads", "plans_dir",
+                                                     # where a refresh is mined, not what
+                                                     "remine_service", "remine_service_data"})
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

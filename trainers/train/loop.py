@@ -160,6 +160,11 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(params, lr=config.learning_rate,
                                            weight_decay=config.weight_decay, fused=True)
         self.sampler, self.sampler_info = build_sampler(config, self.data)
+        self.remine: Any = None  # trainers.remine.Refresher, with --remine-every
+        if config.remine_every:
+            from trainers.remine import for_trainer
+
+            self.remine = for_trainer(self)
         self.gradcache = self._gradcache() if config.gradcache_chunk else None
         self.q_tokens = torch.as_tensor(self.data.train.query_tokens, dtype=torch.long)
         self.t_tokens = torch.as_tensor(self.data.train.target_tokens, dtype=torch.long)
@@ -228,6 +233,7 @@ class Trainer:
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "objective": self.objective.state_dict(), "sampler": self.sampler.state_dict(),
                 "torch_rng": torch.get_rng_state(),
+                "remine": self.remine.state_dict() if self.remine is not None else None,
                 "phases": None if self.phase_state is None else {
                     "state": self.phase_state.to_dict(),
                     "optimizers": {k: o.state_dict()
@@ -241,6 +247,8 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.objective.load_state_dict(state["objective"])
+        if self.remine is not None:  # first: the sampler may be on one of its plans
+            self.remine.load_state_dict(state["remine"])
         self.sampler.load_state_dict(state["sampler"])
         torch.set_rng_state(state["torch_rng"])
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
@@ -289,6 +297,9 @@ def train(config: TrainConfig, *, resume: bool = False, data: PairData | None = 
                            "lr": lr_at(config, trainer.step - 1),
                            "seconds": round(time.perf_counter() - t0, 4)})
                 bar(trainer.step, loss)
+                if trainer.remine is not None:
+                    for event in trainer.remine.after_step(trainer.step):
+                        log.write(event)
                 if config.eval_every and trainer.step % config.eval_every == 0 \
                         and trainer.step < config.steps:
                     log.write({"type": "eval", "step": trainer.step,
@@ -305,6 +316,8 @@ def train(config: TrainConfig, *, resume: bool = False, data: PairData | None = 
         metrics = evaluate_model(trainer.model, trainer.data.eval)
         log.write({"type": "eval", "step": trainer.step, **metrics})
     finally:
+        for event in trainer.remine.close() if trainer.remine is not None else ():
+            log.write(event)
         log.close()
     result = RunResult(config=config, output_dir=out, steps=trainer.step, metrics=metrics,
                        teacher=teacher_metrics(trainer.data.eval),

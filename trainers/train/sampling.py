@@ -38,11 +38,13 @@ def mine_train_plan(config: TrainConfig, data: PairData) -> Any:
     """Mine (or reuse, by plan id) the B3 plan of the train split; returns the `BatchPlan`."""
     from b3mine.embeddings import Embeddings
     from b3mine.mining import mine
+    from b3mine.plan import PlanLineage
 
     tr = data.train
     emb = Embeddings.from_arrays(tr.ids, tr.query_emb, tr.target_emb,
                                  source=f"{data.source}#train")
-    return mine(emb, mining_config(config, len(tr)), config.plans_dir, report=True)
+    return mine(emb, mining_config(config, len(tr)), config.plans_dir, report=True,
+                lineage=PlanLineage(kind="teacher"))
 
 
 def build_sampler(config: TrainConfig, data: PairData) -> tuple[Any, dict[str, Any]]:
