@@ -197,8 +197,12 @@ def test_worker_killed_during_neighbours(tmp_path, corpus_path, monkeypatch):
         assert result.stages["neighbours"] == "ran"
         result.plan.validate()
         assert_same_plan(expected, result.plan)
-        parts = sorted((tmp_path / "dask" / ".work" / result.job_id / "neighbours").iterdir())
-        assert len(parts) == 20 and all(not p.name.startswith(".") for p in parts)
+        entries = sorted(p.name for p in
+                         (tmp_path / "dask" / ".work" / result.job_id / "neighbours").iterdir())
+        # one finished part per block; a killed task may leave only hidden temporaries (or
+        # their locks) that the next start cleans
+        parts = [n for n in entries if n.endswith(".parquet") and not n.startswith(".")]
+        assert len(parts) == 20, entries
     finally:
         client.close()
         cluster.close()
