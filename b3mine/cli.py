@@ -300,8 +300,6 @@ def print_report(plan_dir: Path) -> None:
         t.add_row("hardness", f"mean in-batch similarity {q['plan']['mean']:+.4f} vs "
                   f"{q['random']['mean']:+.4f} random: {q['mean_similarity_gain']:+.4f}")
         t.add_row("plot", str(Path(plan.path) / "report.png"))
-    for warning in plan.manifest.stats.get("warnings", []):
-        t.add_row("[yellow]warning[/yellow]", warning)
     skipped = plan.manifest.stats.get("skipped_stages", [])
     if skipped:
         t.add_row("resumed", f"skipped {', '.join(skipped)}: done by an earlier run of this "

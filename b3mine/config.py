@@ -194,8 +194,6 @@ class MiningConfig(FrozenConfig):
         """Refuse data this config cannot mine into a meaningful plan (InputError, one line):
         fewer rows than one batch, or a rank window [p, p+m) that does not fit in the rows
         (p >= N gives no edges at all). One check for the CLI, the API, and every engine."""
-        from b3mine.errors import InputError
-
         if n_rows < self.batch_size:
             raise InputError("too few examples for one full batch", file=source,
                              expected=f">= batch_size = {self.batch_size} rows", got=f"{n_rows}")

@@ -194,11 +194,16 @@ def load_embeddings(source: EmbeddingSource | str | Path, *, normalize: bool = F
     return emb.normalized() if normalize else emb
 
 
-def _load_npy(source: EmbeddingSource) -> Embeddings:
-    path = Path(source.path)
+def require_ids_path(source: EmbeddingSource) -> None:
+    """`.npy` input carries no ids: refuse it without an aligned id file (both engines)."""
     if source.ids_path is None:
         raise InputError(".npy embeddings need an aligned id file (--ids-path; ids_path in "
-                         "Python and in a job's source)", file=str(path))
+                         "Python and in a job's source)", file=source.path)
+
+
+def _load_npy(source: EmbeddingSource) -> Embeddings:
+    path = Path(source.path)
+    require_ids_path(source)
     queries = _open_npy(path)
     targets = _open_npy(Path(source.target_path)) if source.target_path else None
     ids = read_ids_file(Path(source.ids_path))

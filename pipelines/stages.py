@@ -31,6 +31,7 @@ from b3mine.embeddings import (
     open_parquet,
     parquet_files,
     read_ids_file,
+    require_ids_path,
     source_columns,
     vector_column,
 )
@@ -145,8 +146,7 @@ def plan_source(source: EmbeddingSource, shard_rows: int) -> SourcePlan:
         raise InputError("no such file or directory", file=str(path))
     paired = bool(source.target_column or source.target_path)
     if path.suffix == ".npy":
-        if source.ids_path is None:
-            raise InputError(".npy embeddings need an aligned id file (ids_path)", file=str(path))
+        require_ids_path(source)
         q = load_npy(path)
         n, dim = (q.shape[0], q.shape[1]) if q.ndim == 2 else (q.shape[0], 0)
         edges = list(range(0, n, shard_rows)) + [n]

@@ -17,14 +17,15 @@ pytest.importorskip("faiss")
 
 from distributed import Client, LocalCluster, WorkerPlugin  # noqa: E402
 
-from b3mine.config import MiningConfig, NegativesConfig, NeighbourConfig  # noqa: E402
+from b3mine.config import EmbeddingSource, MiningConfig, NegativesConfig, NeighbourConfig  # noqa: E402,E501
+from b3mine.errors import InputError  # noqa: E402
 from b3mine.graph import window_graph  # noqa: E402
 from b3mine.mining import mine as local_mine  # noqa: E402
 from b3mine.plan import BatchPlan  # noqa: E402
 from pipelines import read_progress  # noqa: E402
 from pipelines.checkpoints import WorkDir  # noqa: E402
 from pipelines.engine import DELAY_ENV, FAIL_ENV, StageError, job_id_for, run_job  # noqa: E402
-from pipelines.stages import INDEX_CACHE, read_graph  # noqa: E402
+from pipelines.stages import INDEX_CACHE, plan_source, read_graph  # noqa: E402
 
 from tests.conftest import clustered_vectors  # noqa: E402
 
@@ -325,3 +326,10 @@ def test_local_cluster_shuts_down_without_killing_workers():
     assert not [line for line in lines if "still alive" in line], lines
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)  # the worker process has exited
+
+
+def test_dask_loader_names_the_ids_path_flag(tmp_path):
+    """The Dask loader refuses .npy input without ids with the core loader's message."""
+    np.save(tmp_path / "e.npy", np.ones((4, 3), np.float32))
+    with pytest.raises(InputError, match=r"need an aligned id file \(--ids-path"):
+        plan_source(EmbeddingSource(path=str(tmp_path / "e.npy")), shard_rows=2)
