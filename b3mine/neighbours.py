@@ -88,6 +88,26 @@ def _faiss():
     return faiss
 
 
+def trained_ivf(targets: np.ndarray, config: NeighbourConfig, seed: int = 0):
+    """An empty IVF-Flat inner-product index trained on a seeded sample of ``targets`` (which
+    may be memory-mapped: only the sample is read). Filling it with every row in order gives
+    the index `build_index` returns, however the rows are split between ``add`` calls."""
+    faiss = _faiss()
+    n, d = targets.shape
+    nlist = config.nlist or max(1, min(n // 39, int(4 * math.sqrt(n))))
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+    # k-means dominates IVF's cost at this scale: train on a sample, with few iterations
+    index.cp.niter = config.kmeans_iters
+    index.cp.seed = seed
+    index.cp.max_points_per_centroid = config.train_per_list
+    rng = np.random.default_rng(seed)
+    size = config.train_per_list * nlist
+    rows = slice(None) if n <= size else np.sort(rng.choice(n, size, replace=False))
+    index.train(np.ascontiguousarray(targets[rows], dtype=np.float32))
+    index.nprobe = min(config.nprobe, nlist)
+    return index
+
+
 def build_index(targets: np.ndarray, k: int, config: NeighbourConfig, seed: int = 0):
     """A FAISS inner-product index over ``targets`` of the kind ``config.index`` names."""
     faiss = _faiss()
@@ -98,17 +118,7 @@ def build_index(targets: np.ndarray, k: int, config: NeighbourConfig, seed: int 
     if config.index == "flat":
         index = faiss.IndexFlatIP(d)
     elif config.index == "ivf":
-        nlist = config.nlist or max(1, min(n // 39, int(4 * math.sqrt(n))))
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
-        # k-means dominates IVF's cost at this scale: train on a sample, with few iterations
-        index.cp.niter = config.kmeans_iters
-        index.cp.seed = seed
-        index.cp.max_points_per_centroid = config.train_per_list
-        rng = np.random.default_rng(seed)
-        size = config.train_per_list * nlist
-        sample = xb if n <= size else xb[np.sort(rng.choice(n, size, replace=False))]
-        index.train(sample)
-        index.nprobe = min(config.nprobe, nlist)
+        index = trained_ivf(xb, config, seed)
     elif config.index == "hnsw":
         index = faiss.IndexHNSWFlat(d, config.hnsw_m, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = config.ef_construction
@@ -196,8 +206,15 @@ def canonical_order(queries: np.ndarray, targets: np.ndarray, q_rows: np.ndarray
     is clear of the last candidate (else a target that is not a candidate might outrank it)."""
     n, width = rows.shape
     key = np.where(rows >= 0, scores.astype(np.float64), -np.inf)
-    order = np.lexsort((rows, -key), axis=1)
-    rows, key = np.take_along_axis(rows, order, 1), np.take_along_axis(key, order, 1)
+    # Searchers return candidates by descending score: sort only the queries whose lists are
+    # not strictly descending (equal scores must go by row), an exact no-op for the others.
+    unsorted = np.flatnonzero(~np.all((key[:, :-1] > key[:, 1:]) | (rows[:, 1:] < 0), axis=1))
+    if len(unsorted):
+        rows, key = rows.copy(), key.copy()
+        sub_rows, sub_key = rows[unsorted], key[unsorted]
+        order = np.lexsort((sub_rows, -sub_key), axis=1)
+        rows[unsorted] = np.take_along_axis(sub_rows, order, 1)
+        key[unsorted] = np.take_along_axis(sub_key, order, 1)
     valid = rows >= 0
     with np.errstate(invalid="ignore"):  # -inf - -inf between missing results: not linked
         linked = (key[:, :-1] - key[:, 1:]) <= 2 * error[:, None]
@@ -208,13 +225,19 @@ def canonical_order(queries: np.ndarray, targets: np.ndarray, q_rows: np.ndarray
     kk = min(k, width)
     # segments that start at or past rank k are cut off whole: their order does not matter
     grouped &= valid & (segment <= segment[:, kk - 1 : kk] if kk else False)
-    exact = np.zeros((n, width), np.float64)
     qi, ci = np.nonzero(grouped)
-    exact[qi, ci] = pair_scores(queries, targets, q_rows[qi], rows[qi, ci])
-    order = np.lexsort((rows, -exact, segment), axis=1)  # reorders within segments only
-    rows = np.take_along_axis(rows, order, 1)
-    out_scores = np.where(grouped, exact, key).astype(np.float32)
-    out_scores = np.take_along_axis(out_scores, order, 1)
+    out_scores = key.astype(np.float32)
+    if len(qi):
+        exact = pair_scores(queries, targets, q_rows[qi], rows[qi, ci])
+        out_scores[qi, ci] = exact.astype(np.float32)
+        # reorder within tie groups, only in the queries that have one
+        touched = np.unique(qi)
+        by_exact = np.zeros((len(touched), width), np.float64)
+        by_exact[np.searchsorted(touched, qi), ci] = exact
+        order = np.lexsort((rows[touched], -by_exact, segment[touched]), axis=1)
+        rows = rows.copy() if not len(unsorted) else rows
+        rows[touched] = np.take_along_axis(rows[touched], order, 1)
+        out_scores[touched] = np.take_along_axis(out_scores[touched], order, 1)
     settled = (segment[:, kk - 1] != segment[:, -1]) | ~valid[:, -1] if kk else np.ones(n, bool)
     return rows[:, :k], out_scores[:, :k], settled
 

@@ -107,7 +107,8 @@ def build_wordnet(out_dir: Path, max_pairs: int | None = None, *, root: Path = W
     names hash the pairs and the settings, so a second call reuses them."""
     import pyarrow.parquet as pq
 
-    from b3mine.demo import DocPair, _table, _versions, _write_atomic, embed_corpus, load_teacher
+    from b3mine.demo import DocPair, _table, _versions, embed_corpus, load_teacher
+    from b3mine.teacher import write_atomic
     from trainers.train.data import subsample
 
     rows = wordnet_pairs(root)
@@ -132,7 +133,7 @@ def build_wordnet(out_dir: Path, max_pairs: int | None = None, *, root: Path = W
     for path, mask in ((files.dev, ~test), (files.test, test)):
         sel = np.flatnonzero(mask)
         table = _table([pairs[i] for i in sel], q[sel], t[sel], key)
-        _write_atomic(path, lambda tmp, table=table: pq.write_table(table, tmp))
+        write_atomic(path, lambda tmp, table=table: pq.write_table(table, tmp))
     return files
 
 

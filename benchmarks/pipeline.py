@@ -7,7 +7,7 @@ vs the in-process engine.
 
 1. Synthetic clustered embeddings (two-level Gaussian mixture: ``--topics`` x 20 subtopics) are
    written once to Parquet in row groups of 65,536 (``--data-dir``, reused by later runs).
-2. The IVF ``nprobe`` is tuned on a sample of queries: the smallest of 8, 16, ..., 256 whose
+2. The IVF ``nprobe`` is tuned on a sample of queries: the smallest of 2, 4, ..., 256 whose
    rank-window recall (ranks [p, p+m) of IVF vs exact flat search, as sets) is >= 0.95.
 3. Each engine runs in its own subprocess; this process samples the memory of that process tree
    (RSS summed over processes, and PSS, which counts shared memory-mapped pages once) every
@@ -86,7 +86,7 @@ def tune_nprobe(path: Path, p: int, m: int, sample: int, target: float = 0.95) -
     build_s = time.perf_counter() - start
     results = {}
     chosen = None
-    for nprobe in (8, 16, 32, 64, 128, 256):
+    for nprobe in (2, 4, 8, 16, 32, 64, 128, 256):
         index.nprobe = nprobe
         t0 = time.perf_counter()
         _, found = index.search(q, k)

@@ -356,13 +356,27 @@ class _Job:
         meta["shards"] = len(plan.shards)
         return meta
 
+    def _build_ivf(self, n: int, fail: bool) -> None:
+        """One task trains the IVF quantizer, one task per row range fills its lists, one
+        merges them into an on-disk index: no task holds more than a range of the corpus."""
+        if not self.work.path(stages.IVF_TRAINED).exists():
+            self.submit(stages.train_ivf_task, self.root, self.config, fail=fail).result()
+        ranges = stages.ivf_fill_ranges(n)
+        todo = [(a, b) for a, b in ranges if not stages._ivf_part(self.work, a, b).exists()]
+        for fut in [self.submit(stages.fill_ivf_task, self.root, a, b) for a, b in todo]:
+            fut.result()
+        self.submit(stages.merge_ivf_task, self.root, ranges).result()
+
     def _neighbours(self, load: dict[str, Any], blocks_per_task: int, target_shards: int
                     ) -> dict[str, Any]:
         config, n = self.config, int(load["n_rows"])
         k = min(config.rank_depth, n)  # as b3mine.neighbours.search: never deeper than the corpus
         fail = self.fail_stage == "neighbours"
-        if config.neighbours.index in ("ivf", "hnsw") and not self.work.path(stages.INDEX).exists():
-            # one task trains and fills the index; workers then load the saved file once each
+        if config.neighbours.index == "ivf" and not self.work.path(stages.INDEX).exists():
+            self._build_ivf(n, fail)
+            fail = False
+        elif config.neighbours.index == "hnsw" and not self.work.path(stages.INDEX).exists():
+            # one task builds the graph index; workers then load the saved file once each
             self.submit(stages.build_ann_index, self.root, config, fail=fail).result()
             fail = False
         block = config.neighbours.block_size * max(1, blocks_per_task)

@@ -8,10 +8,12 @@ memory that a crash would lose. Every algorithm is the core's (``b3mine.neighbou
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +53,7 @@ from b3mine.neighbours import (
     resolve_device,
     search_index,
     torch_search,
+    trained_ivf,
 )
 from b3mine.plan import PlanLineage
 
@@ -346,16 +349,104 @@ def _uses_torch(config: MiningConfig) -> bool:
     return nb.index == "torch" or (nb.index == "flat" and resolve_device(nb.device) == "cuda")
 
 
+def _usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity, e.g. a container's cpuset)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+@contextmanager
+def faiss_threads(n: int) -> Iterator[None]:
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(max(1, n))
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
 def build_ann_index(work_root: str, config: MiningConfig, fail: bool = False) -> str:
-    """Train and fill an IVF/HNSW index once (the core's ``build_index``) and save it."""
+    """Build an HNSW index in one task (the core's ``build_index``) and save it. The task runs
+    alone (every search task waits for its file), so it uses all the cores its host lets the
+    process use, not one worker's share; a config that sets ``neighbours.threads`` keeps its
+    own."""
     _maybe_fail("neighbours", fail)
     import faiss
 
     work = WorkDir(work_root)
     targets = np.ascontiguousarray(np.load(_target_matrix_path(work), mmap_mode="r"))
-    index = build_index(targets, config.rank_depth, config.neighbours)
+    with faiss_threads(config.neighbours.threads or _usable_cores()):
+        index = build_index(targets, config.rank_depth, config.neighbours)
     with atomic_path(work.path(INDEX)) as tmp:
         faiss.write_index(index, str(tmp))
+    return str(work.path(INDEX))
+
+
+# -- IVF built by many tasks: train once, fill row ranges in parallel, merge on disk ----------
+IVF_DIR = "ivf"
+IVF_TRAINED, IVF_LISTS = f"{IVF_DIR}/trained.faiss", f"{IVF_DIR}/lists.ivfdata"
+IVF_FILL_ROWS = 262_144  # rows per fill task: its memory is this many vectors, not N
+
+
+def ivf_fill_ranges(n_rows: int) -> list[tuple[int, int]]:
+    return [(a, min(a + IVF_FILL_ROWS, n_rows)) for a in range(0, n_rows, IVF_FILL_ROWS)]
+
+
+def _ivf_part(work: WorkDir, start: int, stop: int) -> Path:
+    return work.path(IVF_DIR) / f"rows-{start:012d}-{stop:012d}.faiss"
+
+
+def train_ivf_task(work_root: str, config: MiningConfig, fail: bool = False) -> str:
+    """Train the empty IVF index on the core's seeded sample (all the host's cores: the task
+    runs alone) and save it; only the sample is read from the memory-mapped targets."""
+    _maybe_fail("neighbours", fail)
+    import faiss
+
+    work = WorkDir(work_root)
+    targets = np.load(_target_matrix_path(work), mmap_mode="r")
+    with faiss_threads(config.neighbours.threads or _usable_cores()):
+        index = trained_ivf(targets, config.neighbours)
+    work.path(IVF_DIR).mkdir(exist_ok=True)
+    with atomic_path(work.path(IVF_TRAINED)) as tmp:
+        faiss.write_index(index, str(tmp))
+    return str(work.path(IVF_TRAINED))
+
+
+def fill_ivf_task(work_root: str, start: int, stop: int) -> str:
+    """Add target rows [start, stop) (ids = row numbers) to a copy of the trained index."""
+    import faiss
+
+    work = WorkDir(work_root)
+    index = faiss.read_index(str(work.path(IVF_TRAINED)))
+    rows = np.ascontiguousarray(np.load(_target_matrix_path(work), mmap_mode="r")[start:stop],
+                                dtype=np.float32)
+    index.add_with_ids(rows, np.arange(start, stop, dtype=np.int64))
+    path = _ivf_part(work, start, stop)
+    with atomic_path(path) as tmp:
+        faiss.write_index(index, str(tmp))
+    return str(path)
+
+
+def merge_ivf_task(work_root: str, ranges: list[tuple[int, int]]) -> str:
+    """Merge the filled parts, in row order, into one index whose inverted lists live on disk
+    (``faiss.contrib.ondisk``: the parts are memory-mapped, never loaded whole). The index
+    file records the lists' path, so the lists file is written in place and the index file,
+    renamed into place last, marks the whole as complete."""
+    import faiss
+    from faiss.contrib.ondisk import merge_ondisk
+
+    work = WorkDir(work_root)
+    lists = work.path(IVF_LISTS)
+    lists.unlink(missing_ok=True)  # a merge killed half-way left a partial file
+    index = faiss.read_index(str(work.path(IVF_TRAINED)))
+    merge_ondisk(index, [str(_ivf_part(work, a, b)) for a, b in ranges], str(lists))
+    with atomic_path(work.path(INDEX)) as tmp:
+        faiss.write_index(index, str(tmp))
+    for a, b in ranges:  # each part duplicates its rows of the corpus on disk
+        _ivf_part(work, a, b).unlink(missing_ok=True)
     return str(work.path(INDEX))
 
 
@@ -368,6 +459,8 @@ def _worker_index(work: WorkDir, config: MiningConfig, target_range: tuple[int, 
         def load():
             import faiss
 
+            # an IVF index's lists are on disk (merge_ivf_task): FAISS memory-maps them, so
+            # they are file pages shared by the host's workers, not a copy in each
             return faiss.read_index(str(path))
 
         return INDEX_CACHE.get(("file", str(path), path.stat().st_mtime_ns), load)
@@ -619,7 +712,7 @@ def write_task(work_root: str, config: MiningConfig, out: str, metas: dict[str, 
 
 __all__ = [
     "ParquetRows", "SourcePlan", "plan_source", "allocate_vectors", "load_shard", "finish_load",
-    "build_ann_index", "search_block", "search_corpus_shard", "merge_topk", "merge_block",
+    "build_ann_index", "train_ivf_task", "fill_ivf_task", "merge_ivf_task", "search_block", "search_corpus_shard", "merge_topk", "merge_block",
     "graph_task", "clusters_task", "batches_task", "negatives_task", "write_task",
     "read_neighbours", "read_graph", "InjectedFailure",
 ]

@@ -10,7 +10,14 @@ import pytest
 
 from b3mine.config import MiningConfig, NegativesConfig, NeighbourConfig
 from b3mine.mining import mine
-from b3mine.neighbours import Neighbours, merge_ranked, pair_scores, search
+from b3mine.neighbours import (
+    Neighbours,
+    canonical_order,
+    merge_ranked,
+    pair_scores,
+    score_error,
+    search,
+)
 
 from tests.conftest import write_embeddings
 
@@ -67,6 +74,29 @@ def test_sharded_merge_is_the_canonical_order(ties):
                                 scores=found.scores))
     merged = merge_ranked(ties, ties, np.arange(len(ties)), parts, 40, 1.0)
     np.testing.assert_array_equal(merged.rows, canonical_truth(ties, 40))
+
+
+@pytest.mark.parametrize("shuffle", [False, True], ids=["by-score", "any-order"])
+def test_canonical_order_of_candidate_lists(ties, shuffle):
+    """Candidates in searcher order (descending float32 scores) or shuffled, with missing
+    entries (-1): both give the brute-force order (the sorted fast path is not a shortcut)."""
+    n, k, width = len(ties), 40, 60
+    truth = canonical_truth(ties, width)
+    rng = np.random.default_rng(5)
+    rows = truth.copy()
+    rows[rng.random(n) < 0.2, width - 5:] = -1  # short lists: fewer candidates than width
+    scores = np.where(rows >= 0, (ties[np.arange(n)[:, None]] * ties[np.maximum(rows, 0)]
+                                  ).sum(-1, dtype=np.float32), -np.inf).astype(np.float32)
+    if shuffle:
+        order = np.argsort(rng.random(rows.shape), axis=1)
+        rows, scores = np.take_along_axis(rows, order, 1), np.take_along_axis(scores, order, 1)
+    else:
+        order = np.argsort(-scores, axis=1, kind="stable")  # float32 order, ties unresolved
+        rows, scores = np.take_along_axis(rows, order, 1), np.take_along_axis(scores, order, 1)
+    got, got_scores, _ = canonical_order(ties, ties, np.arange(n), rows, scores,
+                                         score_error(ties, 1.0), k)
+    np.testing.assert_array_equal(got, truth[:, :k])
+    assert (np.diff(got_scores, axis=1) <= 0).all()
 
 
 @pytest.mark.parametrize("index", ["ivf", "hnsw"])

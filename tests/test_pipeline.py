@@ -25,6 +25,7 @@ from b3mine.plan import BatchPlan  # noqa: E402
 from pipelines import read_progress  # noqa: E402
 from pipelines.checkpoints import WorkDir  # noqa: E402
 from pipelines.engine import DELAY_ENV, FAIL_ENV, StageError, job_id_for, run_job  # noqa: E402
+from pipelines import stages  # noqa: E402
 from pipelines.stages import INDEX_CACHE, plan_source, read_graph  # noqa: E402
 
 from tests.conftest import clustered_vectors  # noqa: E402
@@ -102,15 +103,20 @@ def _index_loads() -> tuple[int, int]:
     return INDEX_CACHE.loads, len(INDEX_CACHE._items)
 
 
-def test_ivf_index_built_once_and_loaded_once_per_worker(tmp_path, corpus_path, client):
+def test_ivf_index_built_once_and_loaded_once_per_worker(tmp_path, corpus_path, client,
+                                                          monkeypatch):
     cfg = MiningConfig(batch_size=128, cluster_size=16, p=3, m=20, seed=1,
                        neighbours=NeighbourConfig(index="ivf", nlist=20, nprobe=20,
                                                   block_size=250))
+    monkeypatch.setattr(stages, "IVF_FILL_ROWS", 600)  # the client cuts 4 fill tasks
     before = client.run(_index_loads)
     result = run_job(corpus_path, cfg, tmp_path, client=client, keep_work=True)
     result.plan.validate()
     work = tmp_path / ".work" / result.job_id
     assert (work / "index.faiss").is_file()
+    # merged on disk; the filled parts (a copy of the corpus) are gone
+    assert sorted(p.name for p in (work / "ivf").iterdir()) == ["lists.ivfdata",
+                                                                "trained.faiss"]
     # 8 blocks over 2 workers: each worker that searched loaded the index exactly once
     loads = {w: n - before.get(w, (0, 0))[0] for w, (n, _) in client.run(_index_loads).items()}
     assert max(loads.values()) == 1 and sum(loads.values()) >= 1
@@ -118,6 +124,32 @@ def test_ivf_index_built_once_and_loaded_once_per_worker(tmp_path, corpus_path, 
     assert all(held == 0 for _, held in client.run(_index_loads).values())
     # nprobe = nlist: IVF is exhaustive here, so the plan is the in-process one
     assert_same_plan(local_mine(corpus_path, cfg, tmp_path / "local"), result.plan)
+
+
+def test_ivf_built_in_parts_is_the_core_index(tmp_path, monkeypatch):
+    """Trained once, filled by row ranges, merged on disk: the same lists, so the same search
+    results as the core's one-shot `build_index` (nprobe < nlist, one thread for both)."""
+    import faiss
+
+    from b3mine.neighbours import build_index
+
+    x = clustered_vectors(3000, 16, 12, seed=4)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    np.save(tmp_path / "queries.npy", x)
+    cfg = MiningConfig(batch_size=64, cluster_size=8,
+                       neighbours=NeighbourConfig(index="ivf", nlist=30, nprobe=3, threads=1))
+    monkeypatch.setattr(stages, "IVF_FILL_ROWS", 700)
+    stages.train_ivf_task(str(tmp_path), cfg)
+    ranges = stages.ivf_fill_ranges(len(x))
+    assert len(ranges) == 5
+    for a, b in ranges:
+        stages.fill_ivf_task(str(tmp_path), a, b)
+    stages.merge_ivf_task(str(tmp_path), ranges)
+    parts = faiss.read_index(str(tmp_path / "index.faiss"))
+    parts.nprobe = 3
+    whole = build_index(x, 40, cfg.neighbours)
+    for got, want in zip(parts.search(x[:400], 40), whole.search(x[:400], 40)):
+        np.testing.assert_array_equal(got, want)
 
 
 def test_bad_input_names_the_stage_and_global_row(tmp_path, client):

@@ -244,3 +244,17 @@ def test_duplicate_ids_in_the_pairs_file_are_refused_naming_file_rows(pairs_path
     with pytest.raises(InputError, match=re.escape(f"file {path}, row 250: duplicate id "
                                                    f"{ids[7]!r}, first seen at row 7")):
         train(config(path, tmp_path / "run", sampler=sampler))
+
+
+def test_curriculum_reaches_the_mined_plan_and_needs_a_plan():
+    from pydantic import ValidationError
+
+    from trainers.train.sampling import mining_config
+
+    cfg = TrainConfig(batch_size=32, steps=100, curriculum=0.5)
+    mined = mining_config(cfg, n_train=1000)  # 31 batches an epoch
+    # the ramp is a share of the plan's batches: the plan holds exactly the epochs 100 steps need
+    assert (mined.curriculum, mined.epochs) == (0.5, 4)
+    assert mining_config(TrainConfig(batch_size=32, steps=100), 1000).epochs == 5
+    with pytest.raises(ValidationError, match="curriculum needs sampler='plan'"):
+        TrainConfig(curriculum=0.5, sampler="random")

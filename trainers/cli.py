@@ -69,6 +69,9 @@ def train(
         f"{_M_DEFAULT})")] = None,
     hard_negatives: Annotated[Optional[bool], typer.Option(
         "--hard-negatives/--no-hard-negatives", help="use the plan's HNPS negatives")] = None,
+    curriculum: Annotated[Optional[float], typer.Option(
+        help="mined plan: share of the steps over which batches go from random to hard "
+             "(0 = off)")] = None,
     batch_size: Optional[int] = None,
     steps: Optional[int] = None,
     lr: Optional[float] = None,
@@ -115,7 +118,7 @@ def train(
     flags: dict[str, Any] = dict(
         model=model, objective=objective, sampler=sampler, plan=plan,
         batch_grouping=batch_grouping, cluster_size=cluster_size, p=p, m=m,
-        hard_negatives=hard_negatives,
+        hard_negatives=hard_negatives, curriculum=curriculum,
         batch_size=batch_size, steps=steps, lr=lr, temperature=temperature, seed=seed,
         gradcache_chunk=gradcache_chunk, guide_margin=guide_margin,
         data=str(data) if data else None, max_pairs=max_pairs,

@@ -91,6 +91,8 @@ class TrainConfig(FrozenConfig):
     m: int = Field(100, ge=1, description="mined plan: keep ranks [p, p+m)")
     batch_grouping: Literal["random", "affinity"] = "affinity"
     hard_negatives: bool = Field(False, description="add the plan's HNPS negatives as targets")
+    curriculum: float = Field(0.0, ge=0, le=1, description="mined plan: over this share of "
+                              "the steps batches go from random to plan batches (0 = off)")
 
     # -- re-mining during training (trainers.remine) -------------------------------------------
     remine_every: int = Field(0, ge=0, description="re-mine the plan with the student's "
@@ -136,6 +138,8 @@ class TrainConfig(FrozenConfig):
                              f"got objective={self.objective!r}")
         if self.guide_margin is not None and not math.isfinite(self.guide_margin):
             raise ValueError(f"guide_margin must be a finite number, got {self.guide_margin}")
+        if self.curriculum and self.sampler != "plan":
+            raise ValueError("curriculum needs sampler='plan' (it softens the mined plan)")
         if self.hard_negatives and self.sampler != "plan":
             raise ValueError("hard_negatives needs sampler='plan' (the negatives come from it)")
         if self.remine_every and self.sampler != "plan":

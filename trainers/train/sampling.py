@@ -25,12 +25,13 @@ def mining_config(config: TrainConfig, n_train: int) -> Any:
 
     per_epoch = max(1, n_train // config.batch_size)
     # Enough epochs for every step to see a freshly grouped batch; the sampler cycles if the
-    # clustering dropped a few rows and the estimate falls short.
-    epochs = min(256, math.ceil(config.steps / per_epoch) + 1)
+    # clustering dropped a few rows and the estimate falls short. A curriculum is a share of
+    # the plan's batches, so its plan holds exactly the epochs the steps need.
+    epochs = min(256, math.ceil(config.steps / per_epoch) + (0 if config.curriculum else 1))
     return MiningConfig(
         batch_size=config.batch_size, cluster_size=config.plan_cluster_size, p=config.p,
         m=config.m, algorithm="metis", batch_grouping=config.batch_grouping, epochs=epochs,
-        seed=config.seed,
+        seed=config.seed, curriculum=config.curriculum,
         negatives=NegativesConfig(mode="hnps" if config.hard_negatives else "none"))
 
 
