@@ -50,7 +50,7 @@ def remine_events(out: Path) -> list[dict]:
 
 def test_refreshes_through_a_service_and_in_process_resume_to_the_same_batches(
         pairs_path, tmp_path, recorded, monkeypatch) -> None:  # noqa: F811
-    base = dict(steps=24, remine_every=8)
+    base = dict(steps=24, remine_every=8, hard_negatives=False)  # batch rows only
     # The uninterrupted run: both refreshes mined in this process, plans of its own.
     whole = train(config(pairs_path, tmp_path / "whole", **base))
     whole_batches = list(recorded)

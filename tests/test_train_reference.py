@@ -72,6 +72,7 @@ def test_trains_on_a_mined_train_split_plan_and_writes_its_files(pairs_path, tmp
     r = train(config(pairs_path, tmp_path / "run", eval_every=4))
     assert r.steps == 8 and len(r.losses) == 8 and all(np.isfinite(r.losses))
     assert r.sampler["sampler"] == "plan" and r.sampler["hardness_vs_random"] > 1
+    assert r.sampler["hard_negatives"]  # by default the mined plan has HNPS and they are used
     for name in ("config.json", "checkpoint.pt", "results.json", "metrics.jsonl"):
         assert (tmp_path / "run" / name).is_file(), name
     lines = read_metrics(tmp_path / "run")
@@ -110,6 +111,20 @@ def test_resume_refuses_another_config(pairs_path, tmp_path):
     train(config(pairs_path, tmp_path / "run", sampler="random"), stop_after=2)
     with pytest.raises(ValueError, match="different config"):
         train(config(pairs_path, tmp_path / "run", sampler="random", lr=1e-2), resume=True)
+
+
+def test_a_given_plan_without_negatives_trains_on_its_batches_alone(pairs_path, tmp_path):
+    from trainers.train.data import load_pairs
+    from trainers.train.sampling import mine_train_plan
+
+    bare = config(pairs_path, tmp_path / "mine", hard_negatives=False)
+    plan = mine_train_plan(bare, load_pairs(bare))
+    assert plan.config.negatives.mode == "none"
+    r = train(config(pairs_path, tmp_path / "auto", plan=str(plan.path), steps=2))
+    assert r.sampler["hard_negatives"] is False  # the default asks only when the plan has some
+    with pytest.raises(ValueError, match="has no extra negatives"):
+        train(config(pairs_path, tmp_path / "asked", plan=str(plan.path), steps=2,
+                     hard_negatives=True))
 
 
 def test_a_plan_mined_on_the_full_corpus_is_refused(pairs_path, tmp_path):

@@ -90,7 +90,9 @@ class TrainConfig(FrozenConfig):
     p: int = Field(10, ge=0, description="mined plan: skip the teacher's top p ranks")
     m: int = Field(100, ge=1, description="mined plan: keep ranks [p, p+m)")
     batch_grouping: Literal["random", "affinity"] = "affinity"
-    hard_negatives: bool = Field(False, description="add the plan's HNPS negatives as targets")
+    hard_negatives: bool | None = Field(None, description="add the plan's HNPS negatives as "
+                                        "targets; None = when the plan has them (a plan "
+                                        "b3mine train mines itself has them)")
     curriculum: float = Field(0.0, ge=0, le=1, description="mined plan: over this share of "
                               "the steps batches go from random to plan batches (0 = off)")
 

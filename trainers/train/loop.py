@@ -192,7 +192,7 @@ class Trainer:
 
     def _split(self, batch: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(query rows, target rows, labels) of one sampler list."""
-        if self.config.hard_negatives:
+        if getattr(self.sampler, "negatives", False):  # resolved by build_sampler
             from trainers.collate import split_hard_negatives
 
             b = split_hard_negatives(batch, self.config.batch_size)

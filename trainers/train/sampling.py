@@ -32,7 +32,7 @@ def mining_config(config: TrainConfig, n_train: int) -> Any:
         batch_size=config.batch_size, cluster_size=config.plan_cluster_size, p=config.p,
         m=config.m, algorithm="metis", batch_grouping=config.batch_grouping, epochs=epochs,
         seed=config.seed, curriculum=config.curriculum,
-        negatives=NegativesConfig(mode="hnps" if config.hard_negatives else "none"))
+        negatives=NegativesConfig(mode="none" if config.hard_negatives is False else "hnps"))
 
 
 def mine_train_plan(config: TrainConfig, data: PairData) -> Any:
@@ -61,15 +61,18 @@ def build_sampler(config: TrainConfig, data: PairData) -> tuple[Any, dict[str, A
                    "batches_per_epoch": s.batches_per_epoch}
     from trainers.samplers import PlanBatchSampler
 
-    source: Any = config.plan if config.plan else mine_train_plan(config, data)
-    sampler = PlanBatchSampler(source, ids=data.train.ids.tolist(),
-                               negatives=config.hard_negatives, on_exhausted="cycle",
-                               rank=0, world_size=1)
+    from trainers.sources import open_source
+
+    source = open_source(config.plan if config.plan else mine_train_plan(config, data))
+    negatives = source.has_negatives if config.hard_negatives is None else config.hard_negatives
+    sampler = PlanBatchSampler(source, ids=data.train.ids.tolist(), negatives=negatives,
+                               on_exhausted="cycle", rank=0, world_size=1)
     if sampler.source.batch_size != config.batch_size:
         raise ValueError(f"plan {sampler.plan_id} was mined with batch_size "
                          f"{sampler.source.batch_size}, the run asks for {config.batch_size}: "
                          f"pass --batch-size {sampler.source.batch_size}")
     info: dict[str, Any] = {"sampler": "plan", "plan_id": sampler.plan_id,
+                            "hard_negatives": negatives,
                             "batches_per_epoch": sampler.source.batches_per_epoch,
                             "plan_epochs": sampler.epochs}
     quality = sampler.source.manifest.stats.get("quality") or {}
