@@ -114,6 +114,9 @@ def mine(
     batch_grouping: Annotated[Optional[str], typer.Option(
         help=_default("random | affinity", "batch_grouping"))] = None,
     engine: Annotated[str, typer.Option(help="local | dask")] = "local",
+    region_size: Annotated[Optional[int], typer.Option(
+        help="dask: mine regions of at most this many rows in parallel (default: one global "
+             "graph)")] = None,
     scheduler: Annotated[Optional[str], typer.Option(
         help="dask scheduler address (default: $DASK_SCHEDULER_ADDRESS or a LocalCluster)")] = None,
     workers: Annotated[Optional[int], typer.Option(help="dask LocalCluster workers")] = None,
@@ -123,7 +126,7 @@ def mine(
     top = {k: v for k, v in dict(batch_size=batch_size, cluster_size=cluster_size, p=p, m=m,
                                  algorithm=algorithm, graph=graph, epochs=epochs, seed=seed,
                                  remainder=remainder, last_batch=last_batch,
-                                 batch_grouping=batch_grouping).items()
+                                 batch_grouping=batch_grouping, region_size=region_size).items()
            if v is not None}
     nb = {k: v for k, v in dict(index=index, nprobe=nprobe).items() if v is not None}
     ng = {k: v for k, v in dict(mode=negatives_mode, k=negatives_k).items() if v is not None}

@@ -22,6 +22,7 @@ from b3mine import clustering, storage
 from b3mine.batches import Batches, assemble_batches, cap_similarity, cluster_affinity
 from b3mine.config import EmbeddingSource, MiningConfig
 from b3mine.embeddings import Embeddings, load_embeddings
+from b3mine.errors import InputError
 from b3mine.graph import degree_stats, window_graph
 from b3mine.negatives import hnips, hnps, positive_scores
 from b3mine.neighbours import Neighbours, search
@@ -184,7 +185,7 @@ def mine(
     """
     config = MiningConfig.of(config)
     if config.region_size is not None:
-        raise ValueError("region_size (region-parallel mining) runs on the Dask engine only: "
+        raise InputError("region_size (region-parallel mining) runs on the Dask engine only: "
                          "use --engine dask / pipelines.run_job, or leave region_size unset")
     out, publish_to = storage.local_output(out)  # an fsspec URL: stage locally, publish after
     out = check_output_dir(out)

@@ -260,6 +260,19 @@ def test_cli_dask_engine(tmp_path, corpus_path, client):
     assert failed.returncode == 2
     assert "stage 'graph' failed" in failed.stderr.replace("\n", " ")
 
+    # --region-size: region-parallel on Dask; refused in one line by the in-process engine
+    env.pop(FAIL_ENV)
+    regions = subprocess.run(cmd + ["--region-size", "800"], env=env, capture_output=True,
+                             text=True, timeout=240)
+    assert regions.returncode == 0, regions.stderr + regions.stdout
+    (manifest,) = [json.loads(p.read_text()) for p in tmp_path.glob("*/manifest.json")
+                   if json.loads(p.read_text())["config"]["region_size"] == 800]
+    assert manifest["stats"]["graph"]["regions"] >= 3
+    local = subprocess.run(cmd[:-2] + ["--region-size", "800"], capture_output=True, text=True,
+                           timeout=240)
+    assert local.returncode == 2 and "Traceback" not in local.stderr
+    assert "runs on the Dask engine only" in local.stderr.replace("\n", " ")
+
 
 def test_in_memory_embeddings_are_refused(tmp_path):
     from b3mine.embeddings import Embeddings
