@@ -89,6 +89,13 @@ SAMPLERS: dict[str, Variant] = {
     "b3-hnps-curriculum": Variant("B3 plan + HNPS, curriculum random -> hard over 50%",
                                   "plan", {"hard_negatives": True, "curriculum": 0.5},
                                   family="b3-hnps"),
+    "b3-hnps-random": Variant("B3 plan + HNPS, random grouping (global graph)", "plan",
+                              {"hard_negatives": True, "batch_grouping": "random"},
+                              family="b3-hnps"),
+    "b3-hnps-regions": Variant("B3 plan + HNPS, random grouping, regions of <= 8,192 "
+                               "rows (Dask)", "plan",
+                               {"hard_negatives": True, "batch_grouping": "random"},
+                               mining={"region_size": 8192}, family="b3-hnps"),
     "b3-dedup": Variant("B3 plan, near-duplicates removed (cos >= 0.95)", "plan", NO_HNPS,
                         mining={"near_duplicates": 0.95}, family="b3"),
     "b3-cap": Variant("B3 plan, in-batch similarity cap 0.8", "plan", NO_HNPS,
@@ -184,7 +191,9 @@ class Bench:
         fingerprint = emb.fingerprint()
         root = self.out / "plans"
         path = root / plan_id_for(fingerprint, config)
-        if not (path / "manifest.json").is_file():
+        if not (path / "manifest.json").is_file() and config.region_size is not None:
+            path = self.region_plan(config, root)
+        elif not (path / "manifest.json").is_file():
             emb = mining.prepare(emb, config)
             nb = self.neighbours(config.rank_depth)
             graph = mining.build_graph(nb, config)
@@ -199,6 +208,35 @@ class Bench:
         return path, {"plan_id": path.name, "dropped": plan.manifest.counts.remainder_dropped,
                       **{k: q[k] for k in ("mean_similarity_ratio", "above_positive_ratio")
                          if k in q}}
+
+    def region_plan(self, config: Any, root: Path) -> Path:
+        """Region-parallel mining needs the Dask engine: the train split goes to a Parquet file
+        (ids and paired embeddings) that a 2-worker LocalCluster mines."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from b3mine.config import EmbeddingSource
+        from pipelines import run_job
+
+        tr = self.data.train
+        src = self.out / f"train-split-{len(tr)}.parquet"
+        if not src.is_file():
+            def col(m: np.ndarray) -> pa.Array:
+                return pa.FixedSizeListArray.from_arrays(
+                    pa.array(np.ascontiguousarray(m, np.float32).reshape(-1)), m.shape[1])
+
+            tmp = src.with_suffix(".tmp")
+            pq.write_table(pa.table({"id": pa.array(tr.ids), "query": col(tr.query_emb),
+                                     "target": col(tr.target_emb)}), tmp)
+            tmp.replace(src)
+        t0 = time.perf_counter()
+        result = run_job(EmbeddingSource(path=str(src), column="query", target_column="target"),
+                         config, root, workers=2, threads_per_worker=1)
+        g = result.plan.manifest.stats.get("graph") or {}
+        self.log({"region_plan": result.plan.plan_id, "seconds": round(time.perf_counter() - t0, 1),
+                  "regions": g.get("regions"),
+                  "window_entries_in_region": g.get("window_entries_in_region")})
+        return result.plan.path
 
     def mined_negatives(self, plan_seed: int) -> np.ndarray:
         """(n_train, 5) rows whose targets sentence-transformers' `mine_hard_negatives` picked
