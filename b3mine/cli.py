@@ -113,6 +113,9 @@ def mine(
         help=_default("drop | fill", "last_batch"))] = None,
     batch_grouping: Annotated[Optional[str], typer.Option(
         help=_default("random | affinity", "batch_grouping"))] = None,
+    curriculum: Annotated[Optional[float], typer.Option(
+        help=_default("share of the plan's batches that go from random to hard (set --epochs "
+                      "to the training's length)", "curriculum"))] = None,
     engine: Annotated[str, typer.Option(help="local | dask")] = "local",
     region_size: Annotated[Optional[int], typer.Option(
         help="dask: mine regions of at most this many rows in parallel (default: one global "
@@ -126,7 +129,8 @@ def mine(
     top = {k: v for k, v in dict(batch_size=batch_size, cluster_size=cluster_size, p=p, m=m,
                                  algorithm=algorithm, graph=graph, epochs=epochs, seed=seed,
                                  remainder=remainder, last_batch=last_batch,
-                                 batch_grouping=batch_grouping, region_size=region_size).items()
+                                 batch_grouping=batch_grouping, region_size=region_size,
+                                 curriculum=curriculum).items()
            if v is not None}
     nb = {k: v for k, v in dict(index=index, nprobe=nprobe).items() if v is not None}
     ng = {k: v for k, v in dict(mode=negatives_mode, k=negatives_k).items() if v is not None}

@@ -198,6 +198,9 @@ def main() -> None:
     ap.add_argument("--p", type=int, default=30)
     ap.add_argument("--m", type=int, default=100)
     ap.add_argument("--algorithm", default="kaminpar")
+    ap.add_argument("--negatives", default="none", choices=["none", "hnps", "hnips"],
+                    help="extra negatives (the library's default is hnps; none keeps the "
+                         "figures comparable with the earlier global-only runs)")
     ap.add_argument("--region-size", type=int, default=131_072,
                     help="rows per region of the dask-regions engine")
     ap.add_argument("--nprobe", type=int, default=None, help="skip tuning")
@@ -213,7 +216,7 @@ def main() -> None:
         print(json.dumps(run_engine(engine, Path(path), config_json, Path(out), args.workers)))
         return
 
-    from b3mine.config import MiningConfig, NeighbourConfig
+    from b3mine.config import MiningConfig, NegativesConfig, NeighbourConfig
 
     args.data_dir.mkdir(parents=True, exist_ok=True)
     path = args.data_dir / f"synthetic2-{args.n}x{args.d}-t{args.topics}.parquet"
@@ -229,6 +232,7 @@ def main() -> None:
         nprobe = args.nprobe
     config = MiningConfig(batch_size=args.batch_size, cluster_size=args.cluster_size, p=args.p,
                           m=args.m, algorithm=args.algorithm,
+                          negatives=NegativesConfig(mode=args.negatives),
                           neighbours=NeighbourConfig(index="ivf", nprobe=nprobe,
                                                      nlist=int(4 * math.sqrt(args.n))))
     results = {}
@@ -242,7 +246,7 @@ def main() -> None:
         results[engine] = {**result, **peak}
         emit(step="run", n=args.n, d=args.d, index="ivf", nprobe=nprobe,
              config={"batch_size": args.batch_size, "K": args.cluster_size, "p": args.p,
-                     "m": args.m, "algorithm": args.algorithm,
+                     "m": args.m, "algorithm": args.algorithm, "negatives": args.negatives,
                      "region_size": cfg.region_size},
              cores=os.cpu_count(), **results[engine])
     if len(results) == 2:

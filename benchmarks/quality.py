@@ -71,8 +71,9 @@ class Variant:
     family: str | None = None  # reuse this sampler's chosen lr / temperature (no own grid)
 
 
-# plain plan variants: batches only (the trainer would add a plan's HNPS negatives)
-NO_HNPS: dict[str, Any] = {"hard_negatives": False}
+# Plan variants pin what TrainConfig's defaults (plan + HNPS + curriculum) would otherwise add.
+NO_HNPS: dict[str, Any] = {"hard_negatives": False, "curriculum": 0.0}  # batches only
+HNPS: dict[str, Any] = {"hard_negatives": True, "curriculum": 0.0}
 SAMPLERS: dict[str, Variant] = {
     "random": Variant("random batches", "random"),
     "nodup": Variant("sentence-transformers NoDuplicatesBatchSampler", "nodup",
@@ -85,16 +86,16 @@ SAMPLERS: dict[str, Variant] = {
                          mining={"batch_grouping": "random"}, family="b3"),
     "b3-p30": Variant("B3 plan p=30, random grouping (b3mine mine default)", "plan", NO_HNPS,
                       mining={"p": 30, "batch_grouping": "random"}, family="b3"),
-    "b3-hnps": Variant("B3 plan + HNPS negatives (5/ex)", "plan", {"hard_negatives": True}),
-    "b3-hnps-curriculum": Variant("B3 plan + HNPS, curriculum random -> hard over 50%",
+    "b3-hnps": Variant("B3 plan + HNPS negatives (5/ex)", "plan", HNPS),
+    "b3-hnps-curriculum": Variant("B3 plan + HNPS, curriculum over 50% (b3mine train default)",
                                   "plan", {"hard_negatives": True, "curriculum": 0.5},
                                   family="b3-hnps"),
     "b3-hnps-random": Variant("B3 plan + HNPS, random grouping (global graph)", "plan",
-                              {"hard_negatives": True, "batch_grouping": "random"},
+                              {**HNPS, "batch_grouping": "random"},
                               family="b3-hnps"),
     "b3-hnps-regions": Variant("B3 plan + HNPS, random grouping, regions of <= 8,192 "
                                "rows (Dask)", "plan",
-                               {"hard_negatives": True, "batch_grouping": "random"},
+                               {**HNPS, "batch_grouping": "random"},
                                mining={"region_size": 8192}, family="b3-hnps"),
     "b3-dedup": Variant("B3 plan, near-duplicates removed (cos >= 0.95)", "plan", NO_HNPS,
                         mining={"near_duplicates": 0.95}, family="b3"),

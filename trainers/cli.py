@@ -1,8 +1,8 @@
 """``b3mine train``: the reference dual-encoder trainer (registered by entry point).
 
-    b3mine train                                   # student, InfoNCE, B3 plan mined on train
+    b3mine train                                   # static student, B3 plan + HNPS + curriculum
     b3mine train --sampler random --batch-size 32 --steps 600
-    b3mine train --model static --sampler random   # pretrained static student (model2vec)
+    b3mine train --model student --sampler random  # the from-scratch student
     b3mine train --plan http://localhost:8000/v1/plans/<id> --model minilm --steps 200
     b3mine train --config run.toml --seed 3        # flags override the file
     b3mine train --resume                          # continue the run in --output-dir

@@ -26,6 +26,9 @@ SamplerKind = Literal["plan", "random", "kmeans"]
 # Peak learning rate per model when ``lr`` is None. The static student's was chosen on a
 # validation split carved out of the demo train split (docs/reference-trainer.md).
 DEFAULT_LR: dict[str, float] = {"student": 2e-3, "static": 3e-2, "minilm": 2e-5}
+# InfoNCE temperature per model when ``temperature`` is None: the static student's (0.1) won
+# on the WordNet validation split at B=256 for every sampler (README, quality benchmark).
+DEFAULT_TEMPERATURE: dict[str, float] = {"student": 0.05, "static": 0.1, "minilm": 0.05}
 
 
 
@@ -58,7 +61,7 @@ class TrainConfig(FrozenConfig):
     max_length: int = Field(128, ge=8, description="tokens per text")
 
     # -- model ---------------------------------------------------------------------------------
-    model: ModelKind = Field("student", description="student = EmbeddingBag+Linear from scratch "
+    model: ModelKind = Field("static", description="student = EmbeddingBag+Linear from scratch "
                              "over the MiniLM vocabulary (fast on CPU); static = the model2vec "
                              "distillation of all-MiniLM-L6-v2 (pretrained, fast on CPU); "
                              "minilm = fine-tune all-MiniLM-L6-v2 (slow, GPU)")
@@ -69,7 +72,8 @@ class TrainConfig(FrozenConfig):
 
     # -- objective -----------------------------------------------------------------------------
     objective: Objective = "infonce"
-    temperature: float = Field(0.05, gt=0, description="InfoNCE temperature; SogCLR/EM tau")
+    temperature: float | None = Field(None, gt=0, description="InfoNCE temperature; SogCLR/EM "
+                                      "tau; None = DEFAULT_TEMPERATURE of the model")
     symmetric: bool = Field(True, description="InfoNCE: average query->target and target->query")
     gamma: float = Field(0.9, gt=0, le=1, description="SogCLR moving-average weight")
     em_momentum: float = Field(0.9, ge=0, lt=1, description="EM: running Z estimate momentum")
@@ -93,8 +97,9 @@ class TrainConfig(FrozenConfig):
     hard_negatives: bool | None = Field(None, description="add the plan's HNPS negatives as "
                                         "targets; None = when the plan has them (a plan "
                                         "b3mine train mines itself has them)")
-    curriculum: float = Field(0.0, ge=0, le=1, description="mined plan: over this share of "
-                              "the steps batches go from random to plan batches (0 = off)")
+    curriculum: float = Field(0.5, ge=0, le=1, description="the plan b3mine train mines "
+                              "itself: over this share of the steps its batches go from random "
+                              "to plan batches (0 = off; a given --plan keeps its own)")
 
     # -- re-mining during training (trainers.remine) -------------------------------------------
     remine_every: int = Field(0, ge=0, description="re-mine the plan with the student's "
@@ -140,8 +145,6 @@ class TrainConfig(FrozenConfig):
                              f"got objective={self.objective!r}")
         if self.guide_margin is not None and not math.isfinite(self.guide_margin):
             raise ValueError(f"guide_margin must be a finite number, got {self.guide_margin}")
-        if self.curriculum and self.sampler != "plan":
-            raise ValueError("curriculum needs sampler='plan' (it softens the mined plan)")
         if self.hard_negatives and self.sampler != "plan":
             raise ValueError("hard_negatives needs sampler='plan' (the negatives come from it)")
         if self.remine_every and self.sampler != "plan":
@@ -156,6 +159,12 @@ class TrainConfig(FrozenConfig):
         if self.lr is not None:
             return self.lr
         return DEFAULT_LR[self.model]
+
+    @property
+    def loss_temperature(self) -> float:
+        if self.temperature is not None:
+            return self.temperature
+        return DEFAULT_TEMPERATURE[self.model]
 
     @property
     def plan_cluster_size(self) -> int:

@@ -67,16 +67,16 @@ def build_objective(config: TrainConfig, n_examples: int) -> Objective:
         from trainers.losses import TiledContrastiveLoss
 
         margin = 0.0 if config.guide_margin is None else config.guide_margin
-        return Objective("infonce", TiledContrastiveLoss(config.temperature,
+        return Objective("infonce", TiledContrastiveLoss(config.loss_temperature,
                                                          symmetric=config.symmetric,
                                                          guide_margin=margin), False)
     if config.objective == "sogclr":
         cls = import_method("trainers.losses.sogclr", "SogCLRLoss", "objective='sogclr'")
-        return Objective("sogclr", cls(n_examples, tau=config.temperature, gamma=config.gamma),
+        return Objective("sogclr", cls(n_examples, tau=config.loss_temperature, gamma=config.gamma),
                          True)
     if config.objective == "em":
         cls = import_method("trainers.losses.em", "GradientBiasEMLoss", "objective='em'")
-        return Objective("em", cls(n_examples, tau=config.temperature,
+        return Objective("em", cls(n_examples, tau=config.loss_temperature,
                                    momentum=config.em_momentum), True)
     raise ValueError(f"unknown objective {config.objective!r}")
 
