@@ -12,7 +12,8 @@ vs the in-process engine.
 3. Each engine runs in its own subprocess; this process samples the memory of that process tree
    (RSS summed over processes, and PSS, which counts shared memory-mapped pages once) every
    0.25 s (PSS every second): the tree's total, and the largest single process other than
-   the client (a Dask worker). One JSON line per step; the last line compares the engines.
+   the client (a Dask worker); also each worker's anonymous memory (``RssAnon``: its heap,
+   without the page cache of memory-mapped inputs and index lists). One JSON line per step; the last line compares the engines.
    ``dask-regions`` is the Dask engine with ``MiningConfig.region_size`` (``--region-size``).
 """
 from __future__ import annotations
@@ -144,6 +145,20 @@ def _current_stage(out: Path) -> str:
     return "-"
 
 
+def _anon_gib(pid: int) -> float:
+    """A process's anonymous resident memory (heap, not file pages): what a worker holds.
+    Memory-mapped inputs and index lists are page cache, shared and evictable, so PSS grows
+    with N while this does not need to."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return 0.0
+
+
 def measured(cmd: list[str], out: Path) -> tuple[dict, dict]:
     """Run ``cmd``; sample its process tree's memory (overall and per stage of the Dask job
     writing under ``out``); return (its JSON result, memory peaks)."""
@@ -152,7 +167,8 @@ def measured(cmd: list[str], out: Path) -> tuple[dict, dict]:
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     ps = psutil.Process(proc.pid)
     peak: dict = {"rss_sum_gib": 0.0, "pss_gib": 0.0, "worker_pss_gib": 0.0,
-                  "client_pss_gib": 0.0, "stage_worker_pss_gib": {}, "stage_pss_gib": {}}
+                  "client_pss_gib": 0.0, "worker_anon_gib": 0.0, "stage_worker_pss_gib": {},
+                  "stage_pss_gib": {}, "stage_worker_anon_gib": {}}
     stop = threading.Event()
 
     def sample() -> None:
@@ -165,12 +181,15 @@ def measured(cmd: list[str], out: Path) -> tuple[dict, dict]:
                 if tick % 4 == 0:  # PSS reads smaps: slower, so once a second
                     each = [p.memory_full_info().pss / 2**30 for p in procs if p.is_running()]
                     worker = max(each[1:], default=0.0)
+                    anon = max((_anon_gib(p.pid) for p in procs[1:]), default=0.0)
+                    peak["worker_anon_gib"] = max(peak["worker_anon_gib"], anon)
                     peak["pss_gib"] = max(peak["pss_gib"], sum(each))
                     peak["client_pss_gib"] = max(peak["client_pss_gib"], each[0])
                     peak["worker_pss_gib"] = max(peak["worker_pss_gib"], worker)
                     stage = _current_stage(out)
                     for key, value in (("stage_worker_pss_gib", worker),
-                                       ("stage_pss_gib", sum(each))):
+                                       ("stage_pss_gib", sum(each)),
+                                       ("stage_worker_anon_gib", anon)):
                         peak[key][stage] = round(max(peak[key].get(stage, 0.0), value), 2)
             except (psutil.NoSuchProcess, psutil.AccessDenied, IndexError):
                 pass
@@ -257,6 +276,7 @@ def main() -> None:
              peak_pss_gib={e: r["pss_gib"] for e, r in results.items()},
              peak_rss_sum_gib={e: r["rss_sum_gib"] for e, r in results.items()},
              peak_worker_pss_gib={e: r["worker_pss_gib"] for e, r in results.items()},
+             peak_worker_anon_gib={e: r["worker_anon_gib"] for e, r in results.items()},
              target={"total_s": 150})
 
 

@@ -68,10 +68,11 @@ def train(
         "--m", help=f"mined plan: keep ranks [p, p+m) as graph edges (default "
         f"{_M_DEFAULT})")] = None,
     hard_negatives: Annotated[Optional[bool], typer.Option(
-        "--hard-negatives/--no-hard-negatives", help="use the plan's HNPS negatives")] = None,
+        "--hard-negatives/--no-hard-negatives", help="use the plan's HNPS negatives (default: "
+        "when the plan has them; a plan b3mine train mines has them)")] = None,
     curriculum: Annotated[Optional[float], typer.Option(
         help="mined plan: share of the steps over which batches go from random to hard "
-             "(0 = off)")] = None,
+             "(default 0.5; 0 = off)")] = None,
     batch_size: Optional[int] = None,
     steps: Optional[int] = None,
     lr: Optional[float] = None,
