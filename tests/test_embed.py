@@ -218,7 +218,9 @@ def test_texts_to_plan_in_one_command(tmp_path: Path) -> None:
     assert exported.exit_code == 0, exported.output
     datasets = pytest.importorskip("datasets")
     ds = datasets.load_from_disk(str(tmp_path / "st"))
-    assert ds.column_names == ["anchor", "positive"] and len(ds) == plan.batches_per_epoch * 16
+    # b3mine mine adds HNPS by default (K_neg=5): the export carries them as negative_1..5
+    assert ds.column_names == ["anchor", "positive"] + [f"negative_{i}" for i in range(1, 6)]
+    assert len(ds) == plan.batches_per_epoch * 16
     first = int(plan.batch_rows(1)[0][0])
     assert ds[0]["anchor"] == pq.read_table(source).column("query_text")[first].as_py()
 

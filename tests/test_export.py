@@ -94,8 +94,9 @@ def test_texts_come_from_a_flag_when_the_embeddings_hold_none(tmp_path) -> None:
 
     rows = pair_rows(32)
     emb = fake_embeddings(tmp_path / "bare.parquet", rows, keep_texts=False)
-    plan = mine(embedding_source(emb, True), MiningConfig(batch_size=16, cluster_size=8, p=1,
-                                                          m=8), tmp_path / "plans", report=False)
+    bare = MiningConfig(batch_size=16, cluster_size=8, p=1, m=8,
+                        negatives=NegativesConfig(mode="none"))
+    plan = mine(embedding_source(emb, True), bare, tmp_path / "plans", report=False)
     with pytest.raises(InputError, match="holds no texts"):
         export_plan(plan, tmp_path / "x")
     texts = write_jsonl(tmp_path / "texts.jsonl", [{"id": str(i), **r} for i, r in

@@ -223,10 +223,11 @@ def test_negatives_by_id(plan, small_plan):
 
 
 def test_negatives_need_a_plan_with_negatives(tmp_path, corpus_path):
-    from b3mine.config import MiningConfig
+    from b3mine.config import MiningConfig, NegativesConfig
     from b3mine.mining import mine
 
-    bare = mine(corpus_path, MiningConfig(batch_size=128, cluster_size=16, p=3, m=20),
+    bare = mine(corpus_path, MiningConfig(batch_size=128, cluster_size=16, p=3, m=20,
+                                          negatives=NegativesConfig(mode="none")),
                 tmp_path, report=False)
     with pytest.raises(ValueError, match="has no extra negatives"):
         PlanBatchSampler(bare, negatives=True)
