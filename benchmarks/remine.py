@@ -38,12 +38,18 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
+# The trainer settings the README's re-mining figures were measured with (the defaults then):
+# the from-scratch student, plain plan batches; later defaults would change every row.
+MEASURED_WITH: dict[str, Any] = {"model": "student", "temperature": 0.05,
+                                 "hard_negatives": False, "curriculum": 0.0}
+
+
 def run_one(variant: str, seed: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from trainers.train.config import TrainConfig
     from trainers.train.loop import train
 
     out = work / f"{variant}-{seed}"
-    cfg = TrainConfig(batch_size=args.batch_size, steps=args.steps, seed=seed,
+    cfg = TrainConfig(**MEASURED_WITH, batch_size=args.batch_size, steps=args.steps, seed=seed,
                       remine_every=args.every, eval_every=args.eval_every,
                       output_dir=str(out), plans_dir=str(work / "plans"), progress=False,
                       **VARIANTS[variant])
