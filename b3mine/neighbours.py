@@ -113,7 +113,7 @@ def build_index(targets: np.ndarray, k: int, config: NeighbourConfig, seed: int 
     faiss = _faiss()
     if config.threads:
         faiss.omp_set_num_threads(config.threads)
-    n, d = targets.shape
+    d = targets.shape[1]
     xb = np.ascontiguousarray(targets, dtype=np.float32)
     if config.index == "flat":
         index = faiss.IndexFlatIP(d)

@@ -54,6 +54,7 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from b3mine.config import EmbeddingSource, FrozenConfig
+from b3mine.cores import usable_cores
 from b3mine.embeddings import vector_column
 from b3mine.errors import B3MineError, InputError
 from b3mine.plan import _ids_array
@@ -217,8 +218,7 @@ def torch_threads() -> Iterator[None]:
 
     before = torch.get_num_threads()
     if "OMP_NUM_THREADS" not in os.environ:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        torch.set_num_threads(max(1, cores or 1))
+        torch.set_num_threads(usable_cores())
     try:
         yield
     finally:

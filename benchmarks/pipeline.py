@@ -13,7 +13,8 @@ vs the in-process engine.
    (RSS summed over processes, and PSS, which counts shared memory-mapped pages once) every
    0.25 s (PSS every second): the tree's total, and the largest single process other than
    the client (a Dask worker); also each worker's anonymous memory (``RssAnon``: its heap,
-   without the page cache of memory-mapped inputs and index lists). One JSON line per step; the last line compares the engines.
+   without the page cache of memory-mapped inputs and index lists). One JSON line per step;
+   the last line compares the engines.
    ``dask-regions`` is the Dask engine with ``MiningConfig.region_size`` (``--region-size``).
 """
 from __future__ import annotations

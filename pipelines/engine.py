@@ -362,7 +362,7 @@ class _Job:
         if not self.work.path(stages.IVF_TRAINED).exists():
             self.submit(stages.train_ivf_task, self.root, self.config, fail=fail).result()
         ranges = stages.ivf_fill_ranges(n)
-        todo = [(a, b) for a, b in ranges if not stages._ivf_part(self.work, a, b).exists()]
+        todo = [(a, b) for a, b in ranges if not stages.ivf_part_path(self.work, a, b).exists()]
         for fut in [self.submit(stages.fill_ivf_task, self.root, a, b) for a, b in todo]:
             fut.result()
         self.submit(stages.merge_ivf_task, self.root, ranges).result()

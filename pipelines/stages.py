@@ -8,7 +8,6 @@ memory that a crash would lose. Every algorithm is the core's (``b3mine.neighbou
 """
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections import OrderedDict
@@ -26,6 +25,7 @@ import scipy.sparse as sp
 from b3mine import clustering
 from b3mine.batches import Batches
 from b3mine.config import EmbeddingSource, MiningConfig
+from b3mine.cores import usable_cores
 from b3mine.embeddings import (
     Embeddings,
     load_npy,
@@ -349,19 +349,15 @@ def _uses_torch(config: MiningConfig) -> bool:
     return nb.index == "torch" or (nb.index == "flat" and resolve_device(nb.device) == "cuda")
 
 
-def _usable_cores() -> int:
-    """Cores this process may run on (its CPU affinity, e.g. a container's cpuset)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
 @contextmanager
-def faiss_threads(n: int) -> Iterator[None]:
+def alone_on_host(config: MiningConfig) -> Iterator[None]:
+    """FAISS threads for a task that runs alone (every other task waits for its output): all
+    the cores the host lets the process use, not one worker's share; a config that sets
+    ``neighbours.threads`` keeps its own."""
     import faiss
 
     before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(max(1, n))
+    faiss.omp_set_num_threads(config.neighbours.threads or usable_cores())
     try:
         yield
     finally:
@@ -369,16 +365,13 @@ def faiss_threads(n: int) -> Iterator[None]:
 
 
 def build_ann_index(work_root: str, config: MiningConfig, fail: bool = False) -> str:
-    """Build an HNSW index in one task (the core's ``build_index``) and save it. The task runs
-    alone (every search task waits for its file), so it uses all the cores its host lets the
-    process use, not one worker's share; a config that sets ``neighbours.threads`` keeps its
-    own."""
+    """Build an HNSW index in one task (the core's ``build_index``) and save it."""
     _maybe_fail("neighbours", fail)
     import faiss
 
     work = WorkDir(work_root)
     targets = np.ascontiguousarray(np.load(_target_matrix_path(work), mmap_mode="r"))
-    with faiss_threads(config.neighbours.threads or _usable_cores()):
+    with alone_on_host(config):
         index = build_index(targets, config.rank_depth, config.neighbours)
     with atomic_path(work.path(INDEX)) as tmp:
         faiss.write_index(index, str(tmp))
@@ -395,19 +388,19 @@ def ivf_fill_ranges(n_rows: int) -> list[tuple[int, int]]:
     return [(a, min(a + IVF_FILL_ROWS, n_rows)) for a in range(0, n_rows, IVF_FILL_ROWS)]
 
 
-def _ivf_part(work: WorkDir, start: int, stop: int) -> Path:
+def ivf_part_path(work: WorkDir, start: int, stop: int) -> Path:
     return work.path(IVF_DIR) / f"rows-{start:012d}-{stop:012d}.faiss"
 
 
 def train_ivf_task(work_root: str, config: MiningConfig, fail: bool = False) -> str:
-    """Train the empty IVF index on the core's seeded sample (all the host's cores: the task
-    runs alone) and save it; only the sample is read from the memory-mapped targets."""
+    """Train the empty IVF index on the core's seeded sample and save it; only the sample is
+    read from the memory-mapped targets."""
     _maybe_fail("neighbours", fail)
     import faiss
 
     work = WorkDir(work_root)
     targets = np.load(_target_matrix_path(work), mmap_mode="r")
-    with faiss_threads(config.neighbours.threads or _usable_cores()):
+    with alone_on_host(config):
         index = trained_ivf(targets, config.neighbours)
     work.path(IVF_DIR).mkdir(exist_ok=True)
     with atomic_path(work.path(IVF_TRAINED)) as tmp:
@@ -424,7 +417,7 @@ def fill_ivf_task(work_root: str, start: int, stop: int) -> str:
     rows = np.ascontiguousarray(np.load(_target_matrix_path(work), mmap_mode="r")[start:stop],
                                 dtype=np.float32)
     index.add_with_ids(rows, np.arange(start, stop, dtype=np.int64))
-    path = _ivf_part(work, start, stop)
+    path = ivf_part_path(work, start, stop)
     with atomic_path(path) as tmp:
         faiss.write_index(index, str(tmp))
     return str(path)
@@ -442,11 +435,11 @@ def merge_ivf_task(work_root: str, ranges: list[tuple[int, int]]) -> str:
     lists = work.path(IVF_LISTS)
     lists.unlink(missing_ok=True)  # a merge killed half-way left a partial file
     index = faiss.read_index(str(work.path(IVF_TRAINED)))
-    merge_ondisk(index, [str(_ivf_part(work, a, b)) for a, b in ranges], str(lists))
+    merge_ondisk(index, [str(ivf_part_path(work, a, b)) for a, b in ranges], str(lists))
     with atomic_path(work.path(INDEX)) as tmp:
         faiss.write_index(index, str(tmp))
     for a, b in ranges:  # each part duplicates its rows of the corpus on disk
-        _ivf_part(work, a, b).unlink(missing_ok=True)
+        ivf_part_path(work, a, b).unlink(missing_ok=True)
     return str(work.path(INDEX))
 
 
@@ -712,7 +705,8 @@ def write_task(work_root: str, config: MiningConfig, out: str, metas: dict[str, 
 
 __all__ = [
     "ParquetRows", "SourcePlan", "plan_source", "allocate_vectors", "load_shard", "finish_load",
-    "build_ann_index", "train_ivf_task", "fill_ivf_task", "merge_ivf_task", "search_block", "search_corpus_shard", "merge_topk", "merge_block",
+    "build_ann_index", "train_ivf_task", "fill_ivf_task", "merge_ivf_task", "search_block",
+    "search_corpus_shard", "merge_topk", "merge_block",
     "graph_task", "clusters_task", "batches_task", "negatives_task", "write_task",
     "read_neighbours", "read_graph", "InjectedFailure",
 ]

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from b3mine.cores import usable_cores
 from trainers.train.config import TrainConfig
 from trainers.train.data import PairData, load_pairs
 from trainers.train.evaluate import evaluate_model, teacher_metrics
@@ -78,8 +79,7 @@ def set_threads(threads: int | None, model: str = "student") -> None:
     if threads is None and model in ("student", "static"):
         threads = 1
     if threads is None:
-        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
-            os.cpu_count() or 1)
+        threads = usable_cores()
     torch.set_num_threads(max(1, threads))
 
 

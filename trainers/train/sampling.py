@@ -60,7 +60,6 @@ def build_sampler(config: TrainConfig, data: PairData) -> tuple[Any, dict[str, A
         return s, {"sampler": "kmeans", "topics": len(s.topics),
                    "batches_per_epoch": s.batches_per_epoch}
     from trainers.samplers import PlanBatchSampler
-
     from trainers.sources import open_source
 
     source = open_source(config.plan if config.plan else mine_train_plan(config, data))
