@@ -252,14 +252,15 @@ def at_most(approx: np.ndarray, bound: np.ndarray, error: np.ndarray, queries: n
     return out
 
 
-# raw(block, width) -> (scores, rows): one searcher's top ``width`` per query, any order
-RawSearch = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
+# raw(block, width, q_rows) -> (scores, rows): one searcher's top ``width`` per query of
+# ``block`` (rows ``q_rows`` of the queries), any order
+RawSearch = Callable[[np.ndarray, int, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
 def ranked_search(raw: RawSearch, queries: np.ndarray, targets: np.ndarray, k: int, block_size: int,
                   *, exact: bool, progress: ProgressCallback | None = None,
                   stage: str = "neighbours", target_norm: float | None = None) -> Neighbours:
-    """Search ``queries`` in blocks with ``raw(block, width) -> (scores, rows)`` and return the
+    """Search ``queries`` in blocks with ``raw(block, width, q_rows) -> (scores, rows)``; return the
     top ``k`` in canonical order. ``exact``: raw is an exhaustive search, so candidates are
     fetched past k and unsettled queries re-searched until the top k is provably complete."""
     n, n_targets = queries.shape[0], targets.shape[0]
@@ -274,14 +275,14 @@ def ranked_search(raw: RawSearch, queries: np.ndarray, targets: np.ndarray, k: i
             block = np.ascontiguousarray(queries[start : start + block_size], dtype=np.float32)
             q_rows = np.arange(start, start + len(block))
             error = score_error(block, norm)
-            s, i = raw(block, width)
+            s, i = raw(block, width, q_rows)
             r, sc, settled = canonical_order(queries, targets, q_rows, i.astype(np.int64), s,
                                              error, k)
             for j in np.flatnonzero(~settled) if exact and width < n_targets else ():
                 wide = width
                 while True:  # a tie group straddles the k-th rank: fetch more until clear
                     wide = min(n_targets, 2 * wide)
-                    s2, i2 = raw(block[j : j + 1], wide)
+                    s2, i2 = raw(block[j : j + 1], wide, q_rows[j : j + 1])
                     r2, sc2, ok = canonical_order(queries, targets, q_rows[j : j + 1],
                                                   i2.astype(np.int64), s2, error[j : j + 1], k)
                     if ok[0] or wide == n_targets:
@@ -308,14 +309,46 @@ def merge_ranked(queries: np.ndarray, targets: np.ndarray, q_rows: np.ndarray,
     return Neighbours(rows=r, scores=s)
 
 
+def probe_lists(index, vectors: np.ndarray) -> np.ndarray:
+    """Each vector's ``index.nprobe`` nearest coarse lists of an IVF index, nearest first:
+    the lists a search of it scans (the first is the list ``index.add`` puts it in)."""
+    return index.quantizer.search(np.ascontiguousarray(vectors, dtype=np.float32),
+                                  index.nprobe)[1]
+
+
+def ivf_search_by_list(index, queries: np.ndarray, k: int, lists: np.ndarray | None = None
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """``index.search`` (an IVF index) with the queries visited in the order of their coarse
+    lists: neighbouring queries scan the same lists while those are still in cache, which halves
+    the list scan of a memory-bound CPU search (``benchmarks/ivf_order.py``). Each query's
+    results are its own, so they equal ``index.search``'s. ``lists``: the queries' top-nprobe
+    coarse lists, when already known (`probe_lists`)."""
+    from faiss.contrib.ivf_tools import search_preassigned
+
+    if lists is None:
+        lists = probe_lists(index, queries)
+    order = np.lexsort(lists.T[::-1])  # by first list, then second, ...
+    # an inner-product IVF-Flat scan does not use the coarse scores: search_preassigned's zeros
+    scores, rows = search_preassigned(index, queries[order], k, lists[order])
+    back = np.empty_like(order)
+    back[order] = np.arange(len(order))
+    return scores[back], rows[back]
+
+
 def search_index(index, queries: np.ndarray, k: int, block_size: int,
                  progress: ProgressCallback | None = None, stage: str = "neighbours", *,
-                 targets: np.ndarray, target_norm: float | None = None) -> Neighbours:
+                 targets: np.ndarray, target_norm: float | None = None,
+                 query_lists: np.ndarray | None = None) -> Neighbours:
     """Search a FAISS index over ``targets`` in blocks of ``block_size`` (also the unit of
-    progress), in canonical order. Flat (exact) indexes get the completeness guarantee."""
-    exact = isinstance(index, _faiss().IndexFlat)
+    progress), in canonical order. Flat (exact) indexes get the completeness guarantee.
+    ``query_lists``: an IVF index's coarse lists of each query (`probe_lists`), if known."""
+    faiss = _faiss()
+    exact = isinstance(index, faiss.IndexFlat)
 
-    def raw(block: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+    def raw(block: np.ndarray, width: int, q_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if isinstance(index, faiss.IndexIVF):
+            lists = None if query_lists is None else np.asarray(query_lists[q_rows])
+            return ivf_search_by_list(index, block, width, lists)
         return index.search(block, width)
 
     return ranked_search(raw, queries, targets, k, block_size, exact=exact, progress=progress,
@@ -347,7 +380,7 @@ def torch_search(
     block = max(1, min(block_size, max_block_bytes // max(1, t * 4)))
     kt = torch.from_numpy(np.ascontiguousarray(targets, dtype=np.float32)).to(device)
 
-    def raw(q: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+    def raw(q: np.ndarray, width: int, _rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         s, i = torch.topk(torch.from_numpy(q).to(device) @ kt.T, width, dim=1, largest=True,
                           sorted=False)
         return s.cpu().numpy(), i.cpu().numpy()

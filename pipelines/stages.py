@@ -50,6 +50,7 @@ from b3mine.neighbours import (
     build_index,
     max_norm,
     merge_ranked,
+    probe_lists,
     resolve_device,
     search_index,
     torch_search,
@@ -408,15 +409,28 @@ def train_ivf_task(work_root: str, config: MiningConfig, fail: bool = False) -> 
     return str(work.path(IVF_TRAINED))
 
 
+def ivf_lists_path(work: WorkDir, start: int, stop: int) -> Path:
+    return work.path(IVF_DIR) / f"lists-{start:012d}-{stop:012d}.npy"
+
+
 def fill_ivf_task(work_root: str, start: int, stop: int) -> str:
-    """Add target rows [start, stop) (ids = row numbers) to a copy of the trained index."""
+    """Add target rows [start, stop) (ids = row numbers) to a copy of the trained index. The
+    rows' top-nprobe coarse lists are computed once here and kept: the first is where a row is
+    added, and a self-search (queries = targets) scans them all without a second coarse
+    search."""
     import faiss
+    from faiss.contrib.ivf_tools import add_preassigned
 
     work = WorkDir(work_root)
     index = faiss.read_index(str(work.path(IVF_TRAINED)))
     rows = np.ascontiguousarray(np.load(_target_matrix_path(work), mmap_mode="r")[start:stop],
                                 dtype=np.float32)
-    index.add_with_ids(rows, np.arange(start, stop, dtype=np.int64))
+    lists = probe_lists(index, rows)
+    first, ids = np.ascontiguousarray(lists[:, 0]), np.arange(start, stop, dtype=np.int64)
+    add_preassigned(index, rows, first, ids)  # holds only raw pointers: keep the arrays named
+    with atomic_path(ivf_lists_path(work, start, stop)) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, lists.astype(np.int32))
     path = ivf_part_path(work, start, stop)
     with atomic_path(path) as tmp:
         faiss.write_index(index, str(tmp))
@@ -496,7 +510,24 @@ def _search(work: WorkDir, config: MiningConfig, start: int, stop: int, k: int,
                             target_norm=norm)
     index = _worker_index(work, config, target_range)
     # Blocks of the config's block_size, as in-process; the order is canonical either way.
-    return search_index(index, queries, k, nb.block_size, targets=targets, target_norm=norm)
+    return search_index(index, queries, k, nb.block_size, targets=targets, target_norm=norm,
+                        query_lists=_query_lists(work, config, start, stop))
+
+
+def _query_lists(work: WorkDir, config: MiningConfig, start: int, stop: int
+                 ) -> np.ndarray | None:
+    """Queries [start, stop)'s IVF coarse lists as the fill tasks saved them, when the queries
+    are the targets (else, or for a work directory from before they were saved: None)."""
+    if config.neighbours.index != "ivf" or work.path(TARGETS).exists():
+        return None
+    parts = []
+    for a, b in ivf_fill_ranges(_n_targets(work)):
+        if b > start and a < stop:
+            path = ivf_lists_path(work, a, b)
+            if not path.exists():
+                return None
+            parts.append(np.load(path, mmap_mode="r")[max(start, a) - a : min(stop, b) - a])
+    return np.concatenate(parts).astype(np.int64) if parts else None
 
 
 def search_block(work_root: str, config: MiningConfig, part: str, start: int, stop: int,

@@ -99,3 +99,15 @@ def test_index_stays_on_cpu_without_a_gpu(data):
     index = build_index(data, 5, NeighbourConfig(index="ivf"))
     assert on_gpu_if_available(index, "cpu") is index
     assert on_gpu_if_available(index, "cuda") is index  # faiss-cpu: get_num_gpus() == 0
+
+
+def test_ivf_search_by_list_equals_faiss_search(data):
+    """Visiting queries in coarse-list order changes the speed, never a query's results."""
+    from b3mine.neighbours import build_index, ivf_search_by_list
+
+    index = build_index(data, 20, NeighbourConfig(index="ivf", nlist=30, nprobe=3))
+    queries = data[::-1][:500].copy()  # not in list order, so the visit order differs
+    want_scores, want_rows = index.search(queries, 20)
+    scores, rows = ivf_search_by_list(index, queries, 20)
+    np.testing.assert_array_equal(rows, want_rows)
+    np.testing.assert_array_equal(scores, want_scores)

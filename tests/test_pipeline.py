@@ -114,9 +114,12 @@ def test_ivf_index_built_once_and_loaded_once_per_worker(tmp_path, corpus_path, 
     result.plan.validate()
     work = tmp_path / ".work" / result.job_id
     assert (work / "index.faiss").is_file()
-    # merged on disk; the filled parts (a copy of the corpus) are gone
-    assert sorted(p.name for p in (work / "ivf").iterdir()) == ["lists.ivfdata",
-                                                                "trained.faiss"]
+    # merged on disk; the filled parts (a copy of the corpus) are gone, each range's coarse
+    # lists (what the search scans) are kept
+    assert sorted(p.name for p in (work / "ivf").iterdir()) == [
+        f"lists-{a:012d}-{b:012d}.npy" for a, b in ((0, 600), (600, 1200), (1200, 1800),
+                                                    (1800, 2000))] + ["lists.ivfdata",
+                                                                      "trained.faiss"]
     # 8 blocks over 2 workers: each worker that searched loaded the index exactly once
     loads = {w: n - before.get(w, (0, 0))[0] for w, (n, _) in client.run(_index_loads).items()}
     assert max(loads.values()) == 1 and sum(loads.values()) >= 1
@@ -131,7 +134,7 @@ def test_ivf_built_in_parts_is_the_core_index(tmp_path, monkeypatch):
     results as the core's one-shot `build_index` (nprobe < nlist, one thread for both)."""
     import faiss
 
-    from b3mine.neighbours import build_index
+    from b3mine.neighbours import build_index, search_index
 
     x = clustered_vectors(3000, 16, 12, seed=4)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
@@ -150,6 +153,15 @@ def test_ivf_built_in_parts_is_the_core_index(tmp_path, monkeypatch):
     whole = build_index(x, 40, cfg.neighbours)
     for got, want in zip(parts.search(x[:400], 40), whole.search(x[:400], 40)):
         np.testing.assert_array_equal(got, want)
+    # the fill tasks' saved coarse lists are each row's top nprobe, nearest first, so the
+    # search that uses them (rows 650..1450 span two fill ranges) is the one that computes them
+    work = WorkDir(str(tmp_path))
+    lists = stages._query_lists(work, cfg, 650, 1450)
+    np.testing.assert_array_equal(lists, whole.quantizer.search(x[650:1450], 3)[1])
+    got = stages._search(work, cfg, 650, 1450, 40)
+    want = search_index(whole, x[650:1450], 40, 256, targets=x)
+    np.testing.assert_array_equal(got.rows, want.rows)
+    np.testing.assert_array_equal(got.scores, want.scores)
 
 
 def test_bad_input_names_the_stage_and_global_row(tmp_path, client):
