@@ -602,12 +602,15 @@ class BatchPlan(PlanShape):
                             f"{c.remainder_padded}")
         if m.mixture is not None:
             self._validate_mixture(clusters, crow)
-        id_of_row = dict(zip(crow.tolist(), clusters.column("id").to_pylist()))
-        cluster_of_row = dict(zip(crow[~cpad].tolist(), cid[~cpad].tolist()))
+        # each real row's place in the clusters table, by row: sorted arrays, not dicts, so
+        # validating a plan of N rows costs a few N-sized arrays of heap, not Python objects
+        real_at = np.flatnonzero(~cpad)
+        real_at = real_at[np.argsort(crow[real_at], kind="stable")]
+        rows_index = (crow[real_at], real_at, clusters.column("id"), cid)
         if self._batches_file.metadata.num_row_groups != (c.epochs if c.batches_per_epoch else 1):
             raise PlanError(f"{BATCHES}: expected one row group per epoch ({c.epochs})")
         for e in range(c.epochs):
-            self._validate_epoch(e, id_of_row, cluster_of_row)
+            self._validate_epoch(e, rows_index)
 
     def _validate_mixture(self, clusters: pa.Table, crow: np.ndarray) -> None:
         """Every row's dataset is the one its row range says; clusters and batches are single-
@@ -642,7 +645,7 @@ class BatchPlan(PlanShape):
                 raise PlanError(f"{BATCHES} epoch {e}: batches per dataset {counts.tolist()}, "
                                 f"manifest says {[d.batches_per_epoch for d in mix.datasets]}")
 
-    def _validate_epoch(self, e: int, id_of_row: dict, cluster_of_row: dict) -> None:
+    def _validate_epoch(self, e: int, rows_index: tuple) -> None:
         c = self.manifest.counts
         t = self.epoch_table(e)
         n = c.batches_per_epoch * c.batch_size
@@ -666,12 +669,20 @@ class BatchPlan(PlanShape):
             raise PlanError(
                 f"{where}: {len(real)} distinct examples, manifest says {c.examples_per_epoch[e]}"
             )
-        for i in np.flatnonzero(~cols["padded"])[:: max(1, n // 4096)]:  # sampled id/cluster check
-            row = int(cols["row"][i])
-            if row not in cluster_of_row:
-                raise PlanError(f"{where}: row {row} is in no cluster")
-            if cols["id"][i] != id_of_row[row] or cols["cluster"][i] != cluster_of_row[row]:
-                raise PlanError(f"{where}: row {row} has a wrong id or cluster")
+        sorted_rows, at, cluster_ids, cluster_of = rows_index
+        sample = np.flatnonzero(~cols["padded"])[:: max(1, n // 4096)]  # sampled id/cluster check
+        rows = cols["row"][sample]
+        if not len(rows):
+            return
+        pos = np.minimum(np.searchsorted(sorted_rows, rows), max(len(sorted_rows) - 1, 0))
+        missing = np.flatnonzero(sorted_rows[pos] != rows) if len(sorted_rows) else [0]
+        if len(missing):
+            raise PlanError(f"{where}: row {int(rows[missing[0]])} is in no cluster")
+        want_ids = cluster_ids.take(pa.array(at[pos])).to_numpy(zero_copy_only=False)
+        wrong = np.flatnonzero((cols["id"][sample] != want_ids)
+                               | (cols["cluster"][sample] != cluster_of[at[pos]]))
+        if len(wrong):
+            raise PlanError(f"{where}: row {int(rows[wrong[0]])} has a wrong id or cluster")
 
 
 def list_plans(root: str | Path) -> list[BatchPlan]:

@@ -189,6 +189,28 @@ def test_reader_rejects_tampered_plans(tmp_path, small_plan):
         BatchPlan.open(tmp_path)
 
 
+@pytest.mark.parametrize("column,change,message", [
+    ("id", lambda v: v + 10**9, "row .* has a wrong id or cluster"),
+    ("cluster", lambda v: v + 1, "row .* has a wrong id or cluster"),
+    ("row", lambda v: v + 10**9, "row 1000.* is in no cluster"),
+])
+def test_validate_checks_each_batch_row_against_its_cluster(tmp_path, small_plan, column,
+                                                            change, message):
+    import shutil
+
+    import pyarrow as pa
+
+    copy = Path(shutil.copytree(small_plan.path, tmp_path / small_plan.plan_id))
+    t = pq.read_table(copy / "batches.parquet")
+    values = t.column(column).to_numpy().copy()
+    real = np.flatnonzero(~t.column("padded").to_numpy(zero_copy_only=False))
+    values[real[7]] = change(values[real[7]])
+    t = t.set_column(t.column_names.index(column), column, pa.array(values))
+    pq.write_table(t, copy / "batches.parquet", row_group_size=len(values) // 2)
+    with pytest.raises(PlanError, match=message):
+        BatchPlan.open(copy).validate(check_hashes=False)
+
+
 def test_epoch_and_batch_bounds(small_plan):
     with pytest.raises(PlanError, match=r"epoch 2 out of range \[0, 2\)"):
         small_plan.epoch_table(2)
