@@ -145,7 +145,7 @@ def plan_counts(clusters: clustering.Clusters, batches: Batches,
         epochs=config.epochs,
         batches_per_epoch=batches.batches_per_epoch,
         # distinct examples differ per epoch when "drop" leaves out different clusters
-        examples_per_epoch=[int((~p).sum()) for p in batches.padded],
+        examples_per_epoch=[int(p.size - np.count_nonzero(p)) for p in batches.padded],
         remainder_dropped=len(clusters.dropped),
         remainder_padded=int(clusters.padded.sum()),
         last_batch_padded=max(0, slots - n_clusters) * k,

@@ -5,7 +5,8 @@ Layout of ``<root>/<plan_id>/``::
     manifest.json      plan id, config, dataset fingerprint, counts, stats, versions, file hashes
     clusters.parquet   cluster:int32, row:int64, id, padded:bool         (sorted by cluster)
     batches.parquet    epoch:int32, batch:int32, position:int32, row:int64, id, cluster:int32,
-                       padded:bool                                       (one row group per epoch)
+                       padded:bool     (row groups of counts.batches_per_row_group whole batches,
+                                        none spanning two epochs)
     negatives.parquet  row:int64, id, negative_rows:list<int64>, negative_ids:list<id>
                                                                          (only with extra negatives)
 
@@ -119,6 +120,9 @@ class PlanCounts(BaseModel):
     last_batch_padded: int  # padding rows per epoch added to complete the last batch
     n_edges: int = 0
     extra_negatives: int = 0  # per example; 0 when the plan has no negatives table
+    # batches per row group of batches.parquet (no group spans two epochs); None: one group
+    # per epoch (plans written before groups)
+    batches_per_row_group: int | None = None
 
 
 class MixturePart(BaseModel):
@@ -254,81 +258,132 @@ def library_versions() -> dict[str, str]:
     return out
 
 
+ROW_GROUP_ROWS = 65_536  # rows per Parquet row group, about (see group_size)
+
+
+def group_size(unit: int) -> int:
+    """Batches (or clusters) of ``unit`` rows per row group: groups of about ROW_GROUP_ROWS rows,
+    so a writer holds one group, not an epoch, and a reader of one batch decodes one group."""
+    return max(1, ROW_GROUP_ROWS // max(unit, 1))
+
+
+class RowSet:
+    """A set of rows in [0, n) as one bit per row: what the writer and the validator keep of a
+    whole plan, so checking that a row is used once costs n/8 bytes, not n int64s."""
+
+    def __init__(self, n_rows: int):
+        self.bits = np.zeros((n_rows + 7) // 8, np.uint8)
+
+    def contains(self, rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, np.int64)
+        return (self.bits[rows >> 3] & (1 << (rows & 7)).astype(np.uint8)) != 0
+
+    def add(self, rows: np.ndarray) -> None:
+        rows = np.asarray(rows, np.int64)
+        np.bitwise_or.at(self.bits, rows >> 3, (1 << (rows & 7)).astype(np.uint8))
+
+    def first_repeat(self, rows: np.ndarray) -> int | None:
+        """Add ``rows``; the first row that was in the set already or repeats within ``rows``."""
+        rows = np.asarray(rows, np.int64)
+        uniq, counts = np.unique(rows, return_counts=True)
+        again = uniq[(counts > 1) | self.contains(uniq)]
+        self.add(uniq)
+        return int(again[0]) if len(again) else None
+
+
 def _with_dataset(table: pa.Table, tables: PlanTables, rows: np.ndarray) -> pa.Table:
     if tables.dataset_names is None:
         return table
-    return table.append_column("dataset", pa.array(tables.dataset_names[rows].tolist(),
-                                                   pa.string()))
+    return table.append_column("dataset", pa.array(np.asarray(tables.dataset_names[rows])
+                                                   .tolist(), pa.string()))
+
+
+class _GroupWriter:
+    """Appends tables to one Parquet file, one row group each. On a clean exit with nothing
+    appended it writes ``empty`` (a valid table with no rows)."""
+
+    def __init__(self, path: Path, empty: pa.Table):
+        self.path, self.empty, self.writer = path, empty, None
+
+    def __enter__(self) -> _GroupWriter:
+        return self
+
+    def write(self, table: pa.Table) -> None:
+        if self.writer is None:
+            self.writer = pq.ParquetWriter(self.path, table.schema, write_page_checksum=True)
+        self.writer.write_table(table, row_group_size=max(table.num_rows, 1))
+
+    def __exit__(self, exc_type, *_: object) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        elif exc_type is None:
+            pq.write_table(self.empty, self.path, write_page_checksum=True)
+
+
+def _clusters_group(tables: PlanTables, c0: int, c1: int) -> pa.Table:
+    k = tables.clusters.shape[1]
+    rows = np.asarray(tables.clusters[c0:c1], np.int64).reshape(-1)
+    return _with_dataset(pa.table({
+        "cluster": pa.array(np.repeat(np.arange(c0, c1, dtype=np.int32), k)),
+        "row": pa.array(rows),
+        "id": _ids_array(tables.ids[rows]),
+        "padded": pa.array(np.asarray(tables.cluster_padded[c0:c1]).reshape(-1)),
+    }), tables, rows)
+
+
+def _batches_group(tables: PlanTables, e: int, b0: int, b1: int) -> pa.Table:
+    batch_size = tables.batches.shape[2]
+    rows = np.asarray(tables.batches[e, b0:b1], np.int64).reshape(-1)
+    return _with_dataset(pa.table({
+        "epoch": pa.array(np.full(len(rows), e, dtype=np.int32)),
+        "batch": pa.array(np.repeat(np.arange(b0, b1, dtype=np.int32), batch_size)),
+        "position": pa.array(np.tile(np.arange(batch_size, dtype=np.int32), b1 - b0)),
+        "row": pa.array(rows),
+        "id": _ids_array(tables.ids[rows]),
+        "cluster": pa.array(np.asarray(tables.batch_cluster[e, b0:b1], np.int32).reshape(-1)),
+        "padded": pa.array(np.asarray(tables.batch_padded[e, b0:b1]).reshape(-1)),
+    }), tables, rows)
+
+
+def _negatives_group(tables: PlanTables, rows: np.ndarray) -> pa.Table:
+    chosen = np.asarray(tables.negatives[rows])
+    valid = chosen >= 0
+    offsets = np.concatenate([[0], np.cumsum(valid.sum(axis=1))]).astype(np.int32)
+    flat = chosen[valid].astype(np.int64)
+    return pa.table({
+        "row": pa.array(rows),
+        "id": _ids_array(tables.ids[rows]),
+        "negative_rows": pa.ListArray.from_arrays(offsets, pa.array(flat, pa.int64())),
+        # ids too, so a trainer matching the plan to its dataset by id can use them
+        "negative_ids": pa.ListArray.from_arrays(offsets, _ids_array(tables.ids[flat])),
+    })
 
 
 def _write_tables(tmp: Path, tables: PlanTables) -> None:
-    ids = tables.ids
-    c_rows = tables.clusters.reshape(-1)
+    """Write the tables one row group at a time: the arrays may be memory-mapped, and no more
+    than a group of any table is built in memory (a region-parallel plan of any N)."""
     n_clusters, k = tables.clusters.shape
-    pq.write_table(
-        _with_dataset(pa.table(
-            {
-                "cluster": pa.array(np.repeat(np.arange(n_clusters, dtype=np.int32), k)),
-                "row": pa.array(c_rows.astype(np.int64)),
-                "id": _ids_array(ids[c_rows]),
-                "padded": pa.array(tables.cluster_padded.reshape(-1)),
-            }
-        ), tables, c_rows),
-        tmp / CLUSTERS, write_page_checksum=True,
-    )
+    in_clusters = RowSet(len(tables.ids))  # each row of a cluster gets a negatives entry
+    with _GroupWriter(tmp / CLUSTERS, _clusters_group(tables, 0, 0)) as out:
+        step = group_size(k)
+        for c0 in range(0, n_clusters, step):
+            group = _clusters_group(tables, c0, min(c0 + step, n_clusters))
+            in_clusters.add(group.column("row").to_numpy())
+            out.write(group)
     epochs, n_batches, batch_size = tables.batches.shape
-    per_epoch = n_batches * batch_size
-    schema = None
-    writer = None
-    try:
-        for e in range(epochs):
-            rows = tables.batches[e].reshape(-1).astype(np.int64)
-            table = _with_dataset(pa.table(
-                {
-                    "epoch": pa.array(np.full(per_epoch, e, dtype=np.int32)),
-                    "batch": pa.array(np.repeat(np.arange(n_batches, dtype=np.int32), batch_size)),
-                    "position": pa.array(np.tile(np.arange(batch_size, dtype=np.int32), n_batches)),
-                    "row": pa.array(rows),
-                    "id": _ids_array(ids[rows]),
-                    "cluster": pa.array(tables.batch_cluster[e].reshape(-1).astype(np.int32)),
-                    "padded": pa.array(tables.batch_padded[e].reshape(-1)),
-                }
-            ), tables, rows)
-            if writer is None:
-                schema = table.schema
-                writer = pq.ParquetWriter(tmp / BATCHES, schema, write_page_checksum=True)
-            # One row group per epoch: readers fetch an epoch without touching the others.
-            writer.write_table(table, row_group_size=max(per_epoch, 1))
-        if writer is None:  # zero batches: still write a valid, empty table
-            pq.write_table(
-                pa.table({"epoch": pa.array([], pa.int32()), "batch": pa.array([], pa.int32()),
-                          "position": pa.array([], pa.int32()), "row": pa.array([], pa.int64()),
-                          "id": _ids_array(ids[:0]), "cluster": pa.array([], pa.int32()),
-                          "padded": pa.array([], pa.bool_())}),
-                tmp / BATCHES, write_page_checksum=True,
-            )
-    finally:
-        if writer is not None:
-            writer.close()
+    with _GroupWriter(tmp / BATCHES, _batches_group(tables, 0, 0, 0)) as out:
+        step = group_size(batch_size)
+        for e in range(epochs):  # whole batches per group; no group spans two epochs
+            for b0 in range(0, n_batches, step):
+                out.write(_batches_group(tables, e, b0, min(b0 + step, n_batches)))
     if tables.negatives is not None:
-        neg = tables.negatives
-        rows = np.unique(c_rows)
-        chosen = neg[rows]
-        valid = chosen >= 0
-        offsets = np.concatenate([[0], np.cumsum(valid.sum(axis=1))]).astype(np.int32)
-        flat = chosen[valid]
-        pq.write_table(
-            pa.table(
-                {
-                    "row": pa.array(rows.astype(np.int64)),
-                    "id": _ids_array(ids[rows]),
-                    "negative_rows": pa.ListArray.from_arrays(offsets, pa.array(flat)),
-                    # ids too, so a trainer matching the plan to its dataset by id can use them
-                    "negative_ids": pa.ListArray.from_arrays(offsets, _ids_array(ids[flat])),
-                }
-            ),
-            tmp / NEGATIVES, write_page_checksum=True,
-        )
+        no_rows = np.zeros(0, np.int64)
+        with _GroupWriter(tmp / NEGATIVES, _negatives_group(tables, no_rows)) as out:
+            for a in range(0, len(tables.ids), ROW_GROUP_ROWS):  # ascending rows: it is searched
+                span = np.arange(a, min(a + ROW_GROUP_ROWS, len(tables.ids)), dtype=np.int64)
+                rows = span[in_clusters.contains(span)]
+                if len(rows):
+                    out.write(_negatives_group(tables, rows))
     for name, data in tables.extra_files.items():
         (tmp / name).write_bytes(data)
 
@@ -361,6 +416,8 @@ def write_plan(
     tmp = root / f".tmp-{plan_id}-{uuid.uuid4().hex[:8]}"
     with writer_lock(tmp.with_name(tmp.name + LOCK_SUFFIX)):
         tmp.mkdir()
+        counts = counts.model_copy(update={
+            "batches_per_row_group": group_size(counts.batch_size)})
         try:
             _write_tables(tmp, tables)
             written = [p for p in sorted(tmp.iterdir()) if p.is_file()]
@@ -508,20 +565,34 @@ class BatchPlan(PlanShape):
                 f"plan {self.plan_id}: batch {batch} out of range [0, {self.batches_per_epoch})"
             )
 
-    def epoch_table(self, epoch: int) -> pa.Table:
+    def _epoch_groups(self, epoch: int) -> range:
+        """The row groups of ``epoch`` in batches.parquet."""
+        c = self.manifest.counts
+        per_group = c.batches_per_row_group or max(c.batches_per_epoch, 1)
+        per_epoch = -(-c.batches_per_epoch // per_group)
+        return range(epoch * per_epoch, (epoch + 1) * per_epoch)
+
+    def epoch_table(self, epoch: int, columns: list[str] | None = None) -> pa.Table:
         """All batches of one epoch, in order (epoch, batch, position, row, id, cluster, padded)."""
         self._check_epoch(epoch)
         if self.batches_per_epoch == 0:
-            return self._batches_file.schema_arrow.empty_table()
-        return self._batches_file.read_row_group(epoch)
+            empty = self._batches_file.schema_arrow.empty_table()
+            return empty.select(columns) if columns else empty
+        return self._batches_file.read_row_groups(list(self._epoch_groups(epoch)),
+                                                  columns=columns)
 
     def batch_table(self, epoch: int, batch: int) -> pa.Table:
+        """One batch: reads its row group only, not the epoch."""
+        self._check_epoch(epoch)
         self._check_batch(batch)
-        return self.epoch_table(epoch).slice(batch * self.batch_size, self.batch_size)
+        per_group = self.manifest.counts.batches_per_row_group or self.batches_per_epoch
+        group, at = divmod(batch, per_group)
+        table = self._batches_file.read_row_group(self._epoch_groups(epoch)[group])
+        return table.slice(at * self.batch_size, self.batch_size)
 
     def batch_rows(self, epoch: int) -> np.ndarray:
         """Dataset rows of an epoch as a (batches_per_epoch, batch_size) int64 array."""
-        rows = self.epoch_table(epoch).column("row").to_numpy()
+        rows = self.epoch_table(epoch, columns=["row"]).column("row").to_numpy()
         return rows.reshape(self.batches_per_epoch, self.batch_size)
 
     def clusters_table(self) -> pa.Table:
@@ -575,42 +646,80 @@ class BatchPlan(PlanShape):
 
     # -- invariants --------------------------------------------------------------------------
     def validate(self, *, check_hashes: bool = True) -> None:
-        """Raise PlanError unless every invariant of the format holds."""
+        """Raise PlanError unless every invariant of the format holds.
+
+        The tables are read one row group at a time and what is kept of the whole plan is a
+        bit per row (`RowSet`) and a sample of each epoch, so validating any plan takes about
+        a row group of memory plus N/8 bytes."""
         m, c = self.manifest, self.manifest.counts
         if check_hashes:
             for name, digest in m.files.items():
                 if sha256_file(self.path / name) != digest:
                     raise PlanError(f"{self.path / name}: content does not match the manifest hash")
-        clusters = self.clusters_table()
-        crow = clusters.column("row").to_numpy()
-        cpad = clusters.column("padded").to_numpy(zero_copy_only=False)
-        cid = clusters.column("cluster").to_numpy()
-        if len(crow) != c.n_clusters * c.cluster_size:
-            raise PlanError(
-                f"{CLUSTERS}: {len(crow)} rows, expected n_clusters*cluster_size = "
-                f"{c.n_clusters * c.cluster_size}"
-            )
-        if len(crow) and (np.bincount(cid, minlength=c.n_clusters) != c.cluster_size).any():
-            raise PlanError(f"{CLUSTERS}: a cluster does not hold exactly {c.cluster_size} rows")
-        if len(crow) and (crow.min() < 0 or crow.max() >= m.dataset.n_rows):
-            raise PlanError(f"{CLUSTERS}: row outside [0, {m.dataset.n_rows})")
-        real = crow[~cpad]
-        if len(np.unique(real)) != len(real):
-            raise PlanError(f"{CLUSTERS}: a non-padded row appears in two clusters")
-        if int(cpad.sum()) != c.remainder_padded:
-            raise PlanError(f"{CLUSTERS}: {int(cpad.sum())} padded rows, manifest says "
+        groups = self._batches_file.metadata.num_row_groups
+        expect = c.epochs * len(self._epoch_groups(0)) if c.batches_per_epoch else 1
+        if groups != expect:
+            raise PlanError(f"{BATCHES}: {groups} row groups, expected {expect} "
+                            f"({len(self._epoch_groups(0))} per epoch)")
+        samples = [self._validate_epoch(e) for e in range(c.epochs)]
+        if m.mixture is not None:  # (mixtures are mined in one process: read whole)
+            clusters = self.clusters_table()
+            self._validate_mixture(clusters, clusters.column("row").to_numpy())
+        self._validate_clusters(samples)
+
+    def _validate_clusters(self, samples: list[tuple[str, dict[str, np.ndarray]]]) -> None:
+        """clusters.parquet: entry i belongs to cluster i // K, rows in range, each real row in
+        one cluster; and each sampled batch entry is a real member of its cluster, same id."""
+        m, c = self.manifest, self.manifest.counts
+        k, n = c.cluster_size, m.dataset.n_rows
+        sample = {name: np.concatenate([s[name] for _, s in samples]) if samples else
+                  np.zeros(0, np.int64) for name in ("row", "cluster", "id")}
+        where_of = np.concatenate([np.full(len(s["row"]), i) for i, (_, s) in
+                                   enumerate(samples)]).astype(np.int64) if samples else \
+            np.zeros(0, np.int64)
+        order = np.argsort(sample["cluster"], kind="stable")
+        found = np.zeros(len(order), bool)
+        real_rows = RowSet(n)
+        file = pq.ParquetFile(self.path / CLUSTERS, memory_map=True,
+                              page_checksum_verification=True)
+        start = padded = 0
+        for g in range(file.metadata.num_row_groups):
+            t = file.read_row_group(g, columns=["cluster", "row", "id", "padded"])
+            cid, crow = t.column("cluster").to_numpy(), t.column("row").to_numpy()
+            cpad = t.column("padded").to_numpy(zero_copy_only=False)
+            at = np.arange(start, start + len(crow))
+            if (cid != at // max(k, 1)).any():
+                raise PlanError(f"{CLUSTERS}: clusters are not {k} rows each, in order")
+            if len(crow) and (crow.min() < 0 or crow.max() >= n):
+                raise PlanError(f"{CLUSTERS}: row outside [0, {n})")
+            if real_rows.first_repeat(crow[~cpad]) is not None:
+                raise PlanError(f"{CLUSTERS}: a non-padded row appears in two clusters")
+            padded += int(cpad.sum())
+            # the sampled batch entries whose cluster starts in this group (writers never
+            # split a cluster between groups; one that did fails the membership check)
+            lo, hi = np.searchsorted(sample["cluster"][order],
+                                     [start // max(k, 1), -(-(start + len(crow)) // max(k, 1))])
+            pick = order[lo:hi]
+            if len(pick):
+                slots = (sample["cluster"][pick, None] * k + np.arange(k)) - start
+                inside = (slots >= 0) & (slots < len(crow))
+                slots = np.where(inside, slots, 0)
+                ids = t.column("id").to_numpy(zero_copy_only=False)
+                hit = inside & ~cpad[slots] & (crow[slots] == sample["row"][pick, None])
+                found[pick] |= (hit & (ids[slots] == sample["id"][pick, None])).any(axis=1)
+            start += len(crow)
+        if start != c.n_clusters * k:
+            raise PlanError(f"{CLUSTERS}: {start} rows, expected n_clusters*cluster_size = "
+                            f"{c.n_clusters * k}")
+        if padded != c.remainder_padded:
+            raise PlanError(f"{CLUSTERS}: {padded} padded rows, manifest says "
                             f"{c.remainder_padded}")
-        if m.mixture is not None:
-            self._validate_mixture(clusters, crow)
-        # each real row's place in the clusters table, by row: sorted arrays, not dicts, so
-        # validating a plan of N rows costs a few N-sized arrays of heap, not Python objects
-        real_at = np.flatnonzero(~cpad)
-        real_at = real_at[np.argsort(crow[real_at], kind="stable")]
-        rows_index = (crow[real_at], real_at, clusters.column("id"), cid)
-        if self._batches_file.metadata.num_row_groups != (c.epochs if c.batches_per_epoch else 1):
-            raise PlanError(f"{BATCHES}: expected one row group per epoch ({c.epochs})")
-        for e in range(c.epochs):
-            self._validate_epoch(e, rows_index)
+        if (~found).any():
+            bad = int(np.flatnonzero(~found)[0])
+            row, where = int(sample["row"][bad]), samples[where_of[bad]][0]
+            if not real_rows.contains(np.array([row]))[0]:
+                raise PlanError(f"{where}: row {row} is in no cluster")
+            raise PlanError(f"{where}: row {row} has a wrong id or cluster")
 
     def _validate_mixture(self, clusters: pa.Table, crow: np.ndarray) -> None:
         """Every row's dataset is the one its row range says; clusters and batches are single-
@@ -645,44 +754,49 @@ class BatchPlan(PlanShape):
                 raise PlanError(f"{BATCHES} epoch {e}: batches per dataset {counts.tolist()}, "
                                 f"manifest says {[d.batches_per_epoch for d in mix.datasets]}")
 
-    def _validate_epoch(self, e: int, rows_index: tuple) -> None:
+    def _validate_epoch(self, e: int) -> tuple[str, dict[str, np.ndarray]]:
+        """One epoch, group by group; returns a sample of its real entries (row, cluster, id)
+        for `_validate_clusters` to look up."""
         c = self.manifest.counts
-        t = self.epoch_table(e)
-        n = c.batches_per_epoch * c.batch_size
+        n_rows, b = self.manifest.dataset.n_rows, c.batch_size
         where = f"{BATCHES} epoch {e}"
-        if t.num_rows != n:
-            raise PlanError(f"{where}: {t.num_rows} rows, expected {n}")
-        if n == 0:
-            return
-        cols = {name: t.column(name).to_numpy(zero_copy_only=False) for name in t.column_names}
-        if (cols["epoch"] != e).any():
-            raise PlanError(f"{where}: holds rows of another epoch")
-        expect_batch = np.repeat(np.arange(c.batches_per_epoch), c.batch_size)
-        expect_pos = np.tile(np.arange(c.batch_size), c.batches_per_epoch)
-        if (cols["batch"] != expect_batch).any() or (cols["position"] != expect_pos).any():
-            raise PlanError(f"{where}: batches/positions are not complete and in order")
-        real = cols["row"][~cols["padded"]]
-        if len(np.unique(real)) != len(real):
-            dup = int(real[np.argmax(np.bincount(real))])
-            raise PlanError(f"{where}: row {dup} appears twice without being marked padded")
-        if len(real) != c.examples_per_epoch[e]:
+        n = c.batches_per_epoch * b
+        stride = max(1, n // 4096)
+        seen = RowSet(n_rows)
+        start = real = 0
+        sample: dict[str, list[np.ndarray]] = {"row": [], "cluster": [], "id": []}
+        for g in (self._epoch_groups(e) if n else ()):
+            t = self._batches_file.read_row_group(g)
+            cols = {name: t.column(name).to_numpy(zero_copy_only=False)
+                    for name in ("epoch", "batch", "position", "row", "cluster", "padded")}
+            at = np.arange(start, start + t.num_rows)
+            if (cols["epoch"] != e).any():
+                raise PlanError(f"{where}: holds rows of another epoch")
+            if t.num_rows % max(b, 1) or (cols["batch"] != at // b).any() or (
+                    cols["position"] != at % b).any():
+                raise PlanError(f"{where}: batches/positions are not complete and in order")
+            rows, keep = cols["row"], ~cols["padded"]
+            outside = np.flatnonzero((rows < 0) | (rows >= n_rows))
+            if len(outside):
+                raise PlanError(f"{where}: row {int(rows[outside[0]])} is in no cluster (rows "
+                                f"lie in [0, {n_rows}))")
+            dup = seen.first_repeat(rows[keep])
+            if dup is not None:
+                raise PlanError(f"{where}: row {dup} appears twice without being marked padded")
+            real += int(keep.sum())
+            picked = np.flatnonzero(keep & (at % stride == 0))
+            sample["row"].append(rows[picked])
+            sample["cluster"].append(cols["cluster"][picked].astype(np.int64))
+            sample["id"].append(t.column("id").take(pa.array(picked)).to_numpy(
+                zero_copy_only=False))
+            start += t.num_rows
+        if start != n:
+            raise PlanError(f"{where}: {start} rows, expected {n}")
+        if real != c.examples_per_epoch[e]:
             raise PlanError(
-                f"{where}: {len(real)} distinct examples, manifest says {c.examples_per_epoch[e]}"
-            )
-        sorted_rows, at, cluster_ids, cluster_of = rows_index
-        sample = np.flatnonzero(~cols["padded"])[:: max(1, n // 4096)]  # sampled id/cluster check
-        rows = cols["row"][sample]
-        if not len(rows):
-            return
-        pos = np.minimum(np.searchsorted(sorted_rows, rows), max(len(sorted_rows) - 1, 0))
-        missing = np.flatnonzero(sorted_rows[pos] != rows) if len(sorted_rows) else [0]
-        if len(missing):
-            raise PlanError(f"{where}: row {int(rows[missing[0]])} is in no cluster")
-        want_ids = cluster_ids.take(pa.array(at[pos])).to_numpy(zero_copy_only=False)
-        wrong = np.flatnonzero((cols["id"][sample] != want_ids)
-                               | (cols["cluster"][sample] != cluster_of[at[pos]]))
-        if len(wrong):
-            raise PlanError(f"{where}: row {int(rows[wrong[0]])} has a wrong id or cluster")
+                f"{where}: {real} distinct examples, manifest says {c.examples_per_epoch[e]}")
+        return where, {name: np.concatenate(v) if v else np.zeros(0, np.int64)
+                       for name, v in sample.items()}
 
 
 def list_plans(root: str | Path) -> list[BatchPlan]:

@@ -12,7 +12,6 @@ from typing import Any
 
 import numpy as np
 
-from b3mine.negatives import positive_scores
 from b3mine.neighbours import at_most, max_norm, pair_scores, score_error
 
 PERCENTILES = (50, 90, 99)
@@ -22,7 +21,6 @@ def batch_similarity(
     queries: np.ndarray,
     targets: np.ndarray,
     batches: np.ndarray,
-    pos: np.ndarray,
     *,
     max_batches: int,
     rng: np.random.Generator,
@@ -33,7 +31,8 @@ def batch_similarity(
     Every figure is the same on every engine (a plan's report is one of its files): the mean
     comes from row sums (sum_ij q_i.t_j = (sum q).(sum t)), the share above the positive is
     decided exactly near the bound (duplicates tie with it), and the sampled values are
-    rescored with `pair_scores`. ``pos`` is float64 from `pair_scores`.
+    rescored with `pair_scores`. A row's positive score is computed for the sampled batches
+    only (`pair_scores`, float64): memory does not grow with the dataset.
     """
     if len(batches) > max_batches:
         batches = batches[np.sort(rng.choice(len(batches), max_batches, replace=False))]
@@ -42,14 +41,16 @@ def batch_similarity(
     sample = []
     norm = max_norm(targets) if len(batches) else 0.0
     for rows in batches:
+        rows = np.asarray(rows)
+        pos = pair_scores(queries, targets, rows, rows)
         s = queries[rows] @ targets[rows].T
         same = rows[:, None] == rows[None, :]  # also skips repeats of one example (padding)
         off = ~same
         total += int(off.sum())
         q_sum = np.asarray(queries[rows], np.float64).sum(axis=0)
         t_sum = np.asarray(targets[rows], np.float64).sum(axis=0)
-        acc += float((q_sum * t_sum).sum()) - float((same * pos[rows, None]).sum())
-        bound = np.broadcast_to(pos[rows, None], s.shape)
+        acc += float((q_sum * t_sum).sum()) - float((same * pos[:, None]).sum())
+        bound = np.broadcast_to(pos[:, None], s.shape)
         cand = np.broadcast_to(rows, s.shape)
         below = at_most(s, bound, score_error(queries[rows], norm), queries, targets, rows, cand)
         above += int((~below & off).sum())
@@ -93,12 +94,11 @@ def quality_report(
     ``random_rows``: the baseline batches (nb', B) when plain random batches over all rows are
     not the fair comparison (a mixture compares with random batches inside each dataset)."""
     rng = np.random.default_rng([seed, 0x4E9])
-    pos = positive_scores(queries, targets)
     nb, batch_size = plan_batches.shape
-    plan = batch_similarity(queries, targets, plan_batches, pos, max_batches=max_batches, rng=rng)
+    plan = batch_similarity(queries, targets, plan_batches, max_batches=max_batches, rng=rng)
     if random_rows is None:
         random_rows = random_batches(len(queries), batch_size, max(nb, 1), rng)
-    rand = batch_similarity(queries, targets, random_rows, pos, max_batches=max_batches, rng=rng)
+    rand = batch_similarity(queries, targets, random_rows, max_batches=max_batches, rng=rng)
     report = {
         "plan": plan,
         "random": rand,

@@ -414,7 +414,6 @@ class MinedNegativesSampler:
 def in_batch_hardness(trainer: Any, b: int, n_batches: int = 48) -> dict[str, float]:
     """Teacher similarity between in-batch non-pairs of the run's first batches, and the share
     of them scoring above the query's own positive (false-negative risk, ALGORITHMS.md §7)."""
-    from b3mine.negatives import positive_scores
     from b3mine.report import batch_similarity
 
     tr = trainer.data.train
@@ -424,9 +423,7 @@ def in_batch_hardness(trainer: Any, b: int, n_batches: int = 48) -> dict[str, fl
         rows.append(np.asarray(batch[:b]))
         if k + 1 >= n_batches:
             break
-    pos = positive_scores(tr.query_emb, tr.target_emb)
-    s = batch_similarity(tr.query_emb, tr.target_emb, np.stack(rows), pos,
-                         max_batches=n_batches, rng=np.random.default_rng(0))
+    s = batch_similarity(tr.query_emb, tr.target_emb, np.stack(rows), max_batches=n_batches, rng=np.random.default_rng(0))
     return {"in_batch_similarity": round(s["mean"], 4),
             "above_positive_share": round(s["above_positive_share"], 5)}
 

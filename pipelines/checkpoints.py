@@ -3,7 +3,7 @@
 Layout of ``<out>/.work/<job_id>/``::
 
     load.done            marker (JSON): fingerprint, n_rows, dim, paired, id kind, seconds
-    ids.parquet          dataset ids, in row order
+    ids.npy              dataset ids, in row order (int64, or fixed-width strings)
     queries.npy          prepared (normalised) vectors; targets.npy for paired data
     raw_queries.npy      the input vectors, kept only to compute the dataset fingerprint
     neighbours/part-*.parquet   one file per query block: rows, scores (fixed-size lists)

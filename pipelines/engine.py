@@ -73,6 +73,10 @@ class JobResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+def _since(start: float) -> float:
+    return round(time.perf_counter() - start, 3)
+
+
 def _as_source(source: EmbeddingSource | str | Path) -> EmbeddingSource:
     if isinstance(source, Embeddings):
         raise TypeError("the Dask engine reads embeddings from files; pass a path or an "
@@ -302,6 +306,17 @@ class _Job:
         self.report(name, 1.0, status="done")
         return meta
 
+    def timings(self, names: tuple[str, ...]) -> dict[str, float]:
+        """Seconds of the stages among ``names`` that ran now, and of their steps as
+        ``<stage>.<step>`` (e.g. ``neighbours.index_train``: part of ``neighbours``)."""
+        out: dict[str, float] = {}
+        for name in names:
+            if self.statuses.get(name) == "ran":
+                out[name] = float(self.metas[name]["seconds"])
+                out.update({f"{name}.{k}": v for k, v in self.metas[name].get("steps", {})
+                            .items()})
+        return out
+
     # -- the stages --------------------------------------------------------------------------
     def run(self, source: EmbeddingSource, *, shard_rows: int, blocks_per_task: int,
             target_shards: int, report: bool, lineage: PlanLineage | None = None
@@ -332,8 +347,7 @@ class _Job:
             clusters))
         # This run's times only: a skipped stage's seconds belong to the run that did it.
         before = PIPELINE_STAGES[:-1]
-        timings = {s: float(self.metas[s]["seconds"]) for s in before
-                   if self.statuses[s] == "ran"}
+        timings = self.timings(before)
         skipped = [s for s in before if self.statuses[s] == "skipped"]
         written = self.stage("write", lambda: {"plan": self.one(
             "write", stages.write_task, self.root, config, str(self.out), self.metas, timings,
@@ -356,29 +370,37 @@ class _Job:
         meta["shards"] = len(plan.shards)
         return meta
 
-    def _build_ivf(self, n: int, fail: bool) -> None:
+    def _build_ivf(self, n: int, fail: bool) -> dict[str, float]:
         """One task trains the IVF quantizer, one task per row range fills its lists, one
-        merges them into an on-disk index: no task holds more than a range of the corpus."""
+        merges them into an on-disk index: no task holds more than a range of the corpus.
+        Returns the seconds of each step."""
+        steps, start = {}, time.perf_counter()
         if not self.work.path(stages.IVF_TRAINED).exists():
             self.submit(stages.train_ivf_task, self.root, self.config, fail=fail).result()
+        steps["index_train"], start = _since(start), time.perf_counter()
         ranges = stages.ivf_fill_ranges(n)
         todo = [(a, b) for a, b in ranges if not stages.ivf_part_path(self.work, a, b).exists()]
         for fut in [self.submit(stages.fill_ivf_task, self.root, a, b) for a, b in todo]:
             fut.result()
+        steps["index_fill"], start = _since(start), time.perf_counter()
         self.submit(stages.merge_ivf_task, self.root, ranges).result()
+        steps["index_merge"] = _since(start)
+        return steps
 
     def _neighbours(self, load: dict[str, Any], blocks_per_task: int, target_shards: int
                     ) -> dict[str, Any]:
         config, n = self.config, int(load["n_rows"])
         k = min(config.rank_depth, n)  # as b3mine.neighbours.search: never deeper than the corpus
         fail = self.fail_stage == "neighbours"
+        steps: dict[str, float] = {}
         if config.neighbours.index == "ivf" and not self.work.path(stages.INDEX).exists():
-            self._build_ivf(n, fail)
+            steps = self._build_ivf(n, fail)
             fail = False
         elif config.neighbours.index == "hnsw" and not self.work.path(stages.INDEX).exists():
             # one task builds the graph index; workers then load the saved file once each
             self.submit(stages.build_ann_index, self.root, config, fail=fail).result()
             fail = False
+        start = time.perf_counter()
         block = config.neighbours.block_size * max(1, blocks_per_task)
         shards = max(1, target_shards)
         parts = [(stages.part_name(a, min(a + block, n), shards), a, min(a + block, n))
@@ -404,6 +426,7 @@ class _Job:
             self.client.run(stages.release_indexes)
         except Exception:  # noqa: BLE001 - only frees memory; a worker may be restarting
             pass
+        steps["search"] = _since(start)
         return {"parts": [name for name, _, _ in parts], "k": k, "blocks": len(parts),
-                "resumed_blocks": done}
+                "resumed_blocks": done, "steps": steps}
 

@@ -405,28 +405,55 @@ def epoch_order(work: WorkDir, config: MiningConfig, epoch: int, n_tasks: int,
 
 # -- write -----------------------------------------------------------------------------------
 
+WRITE_BATCHES = 1024  # batches assembled per step of the write task
+
+
+class _StoredNegatives:
+    """``negatives1.npy`` (row + 1, 0 = none) read as the plan's negatives (-1 = none), only
+    the rows asked for: the plan writer takes them a row group at a time."""
+
+    def __init__(self, stored: np.ndarray):
+        self.stored = stored
+
+    def __getitem__(self, rows: np.ndarray) -> np.ndarray:
+        return np.asarray(self.stored[rows]) - 1
+
+def _assemble_batches(work: WorkDir, config: MiningConfig, bt: dict[str, Any],
+                      members: np.ndarray, member_padded: np.ndarray) -> Batches:
+    """Every epoch's (nb, B) rows, clusters and padding, in ``write-*.npy`` files."""
+    k = config.cluster_size
+    epochs = [epoch_order(work, config, e, bt["key_ranges"], bt["n_clusters"])
+              for e in range(config.epochs)]  # cluster ids: N / K entries each
+    shape = (config.epochs, epochs[0][0].shape[0], k * config.clusters_per_batch)
+    batches = Batches(*(np.lib.format.open_memmap(work.path(f"write-{name}.npy"), mode="w+",
+                                                  dtype=dtype, shape=shape)
+                        for name, dtype in (("rows", np.int64), ("cluster", np.int32),
+                                            ("padded", bool))))
+    for e, (order, fill) in enumerate(epochs):
+        for b0 in range(0, len(order), WRITE_BATCHES):
+            o, f = order[b0:b0 + WRITE_BATCHES], fill[b0:b0 + WRITE_BATCHES]
+            at = slice(b0, b0 + len(o))
+            batches.rows[e, at] = members[o].reshape(len(o), -1)
+            batches.cluster[e, at] = np.repeat(o, k, axis=1).reshape(len(o), -1)
+            batches.padded[e, at] = (member_padded[o] | f[..., None]).reshape(len(o), -1)
+    return batches
+
+
 def region_write_task(work_root: str, config: MiningConfig, out: str,
                       metas: dict[str, dict[str, Any]], timings: dict[str, float],
                       report: bool = True, fail: bool = False) -> str:
     _maybe_fail("write", fail)
     work = WorkDir(work_root)
     load, cl, bt = metas["load"], metas["clusters"], metas["batches"]
-    n, k = int(load["n_rows"]), config.cluster_size
-    members = np.load(work.path(MEMBERS))
-    member_padded = np.load(work.path(MEMBER_PADDED))
-    epochs = []
-    for e in range(config.epochs):
-        order, fill = epoch_order(work, config, e, bt["key_ranges"], bt["n_clusters"])
-        nb = order.shape[0]
-        epochs.append((members[order].reshape(nb, -1),
-                       np.repeat(order, k, axis=1).reshape(nb, -1).astype(np.int32),
-                       (member_padded[order] | fill[..., None]).reshape(nb, -1)))
-    batches = Batches(rows=np.stack([r for r, _, _ in epochs]),
-                      cluster=np.stack([c for _, c, _ in epochs]),
-                      padded=np.stack([p for _, _, p in epochs]))
+    n = int(load["n_rows"])
+    # memory-mapped inputs, batches assembled into memory-mapped files: the task's heap does
+    # not grow with N (b3mine.plan writes the tables a row group at a time)
+    members = np.load(work.path(MEMBERS), mmap_mode="r")
+    member_padded = np.load(work.path(MEMBER_PADDED), mmap_mode="r")
+    batches = _assemble_batches(work, config, bt, members, member_padded)
     negatives = None
     if config.negatives.mode != "none":
-        negatives = np.load(work.path(NEGATIVES)) - 1
+        negatives = _StoredNegatives(np.load(work.path(NEGATIVES), mmap_mode="r"))
     communities = []
     for r in list(range(cl["n_regions"])) + [-1]:
         meta = _region_meta(work, r)
@@ -470,7 +497,7 @@ def run(job: _Job, load: dict[str, Any], nb: dict[str, Any], *, report: bool
     job.stage("graph", graph)
     cl = job.stage("clusters", lambda: run_clusters(job, n, reg["n_regions"], parts))
     job.stage("batches", lambda: run_batches(job, cl["region_clusters"]))
-    timings = {s: float(job.metas[s]["seconds"]) for s in REGION_STAGES[:-1]}
+    timings = job.timings(REGION_STAGES[:-1])
     written = job.stage("write", lambda: {"plan": job.one(
         "write", region_write_task, job.root, job.config, str(job.out), job.metas, timings,
         report=report)})

@@ -62,6 +62,7 @@ from pipelines.checkpoints import WorkDir, atomic_path, write_parquet
 
 QUERIES, TARGETS = "queries.npy", "targets.npy"
 RAW_QUERIES, RAW_TARGETS = "raw_queries.npy", "raw_targets.npy"
+IDS = "ids.npy"
 INDEX = "index.faiss"
 
 
@@ -254,7 +255,7 @@ def load_shard(work_root: str, plan: SourcePlan, start: int, stop: int, normaliz
 
 def finish_load(work_root: str, plan: SourcePlan, normalize: bool, fail: bool = False
                 ) -> dict[str, Any]:
-    """All ids at once (global uniqueness), the dataset fingerprint, and ``ids.parquet``."""
+    """All ids at once (global uniqueness), the dataset fingerprint, and ``ids.npy``."""
     _maybe_fail("load", fail)
     work = WorkDir(work_root)
     src = plan.source
@@ -273,20 +274,18 @@ def finish_load(work_root: str, plan: SourcePlan, normalize: bool, fail: bool = 
                                      source=plan.label)
     raw = work_embeddings(work, checked.ids, plan.label, raw=normalize)
     fingerprint = raw.fingerprint()  # the core's hash, streamed over memory-mapped rows
-    write_parquet(work.path("ids.parquet"), pa.table({"id": _ids_array(checked.ids)}))
+    ids = checked.ids if checked.ids.dtype.kind in "iuU" else checked.ids.astype(str)
+    with atomic_path(work.path(IDS)) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, ids)
     return {"fingerprint": fingerprint, "n_rows": plan.n_rows, "dim": plan.dim,
             "paired": plan.paired, "source": plan.label}
 
 
-def _ids_array(ids: np.ndarray) -> pa.Array:
-    if ids.dtype.kind in "iu":
-        return pa.array(ids.astype(np.int64, copy=False))
-    return pa.array(ids.astype(str).tolist(), type=pa.string())
-
-
 def read_ids(work: WorkDir) -> np.ndarray:
-    ids = pq.read_table(work.path("ids.parquet")).column("id").to_numpy(zero_copy_only=False)
-    return ids.astype(str) if ids.dtype.kind == "O" else ids
+    """The dataset ids, memory-mapped: a task that looks up some rows' ids reads their pages
+    only (int64, or fixed-width strings)."""
+    return np.load(work.path(IDS), mmap_mode="r")
 
 
 def work_embeddings(work: WorkDir, ids: np.ndarray, label: str, raw: bool = False) -> Embeddings:

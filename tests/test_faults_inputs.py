@@ -115,9 +115,9 @@ def test_output_directory_is_checked_first(tmp_path):
         mine(tmp_path / "missing.parquet", SMALL, blocker)
 
 
-def _flip_page_bytes(path, offset_fraction=0.5, n=64):
+def _flip_page_bytes(path, offset_fraction=0.5, n=64, column=0):
     data = bytearray(path.read_bytes())
-    meta = pq.ParquetFile(path).metadata.row_group(0).column(0)
+    meta = pq.ParquetFile(path).metadata.row_group(0).column(column)
     first = meta.dictionary_page_offset or meta.data_page_offset  # the chunk's first page
     start = first + int(meta.total_compressed_size * offset_fraction)
     for i in range(start, min(start + n, first + meta.total_compressed_size)):
@@ -140,7 +140,8 @@ def test_plan_pages_carry_checksums_and_are_verified(corpus, tmp_path):
     assert meta.num_row_groups >= 1
     copy = tmp_path / "copy"
     shutil.copytree(plan.path, copy)
-    _flip_page_bytes(copy / "batches.parquet", offset_fraction=0.3, n=16)
+    row = pq.ParquetFile(copy / "batches.parquet").schema_arrow.names.index("row")
+    _flip_page_bytes(copy / "batches.parquet", offset_fraction=0.3, n=16, column=row)
     with pytest.raises((OSError, B3MineError)):  # never garbage rows
         BatchPlan.open(copy).batch_rows(0)
 

@@ -285,3 +285,78 @@ def test_repr_is_one_short_line(small_plan):
     assert text == (f"BatchPlan({str(small_plan.path)!r}, rows=2000, epochs=2, "
                     f"batches_per_epoch={small_plan.batches_per_epoch}, batch_size=128)")
     assert len(text) < 200 + len(str(small_plan.path))
+
+
+@pytest.fixture()
+def grouped_plan(tmp_path, corpus_path, small_config, monkeypatch):
+    """``small_plan``'s content written with row groups of 3 batches (and of 24 clusters), so
+    epochs and the cluster table span several groups, the last one short."""
+    import b3mine.plan as plan_mod
+
+    monkeypatch.setattr(plan_mod, "ROW_GROUP_ROWS", 3 * small_config.batch_size)
+    return mine(corpus_path, small_config, tmp_path / "grouped")
+
+
+def test_groups_of_whole_batches_read_as_one_epoch(grouped_plan, small_plan):
+    c = grouped_plan.manifest.counts
+    assert c.batches_per_row_group == 3
+    # the default, 65,536 rows: one group per epoch at this size
+    assert small_plan.manifest.counts.batches_per_row_group == 512 >= c.batches_per_epoch
+    per_epoch = -(-c.batches_per_epoch // 3)
+    meta = pq.ParquetFile(grouped_plan.path / "batches.parquet").metadata
+    assert per_epoch >= 2 and meta.num_row_groups == c.epochs * per_epoch
+    assert {meta.row_group(g).num_rows for g in range(per_epoch - 1)} == {3 * 128}
+    assert pq.ParquetFile(grouped_plan.path / "clusters.parquet").metadata.num_row_groups > 1
+    grouped_plan.validate()
+    assert grouped_plan.plan_id == small_plan.plan_id  # the layout is not the content
+    for e in range(c.epochs):
+        assert grouped_plan.epoch_table(e).equals(small_plan.epoch_table(e))
+        assert np.array_equal(grouped_plan.batch_rows(e), small_plan.batch_rows(e))
+        for b in (0, 2, 3, c.batches_per_epoch - 1):  # group edges and the short last group
+            assert grouped_plan.batch_table(e, b).equals(small_plan.batch_table(e, b))
+    assert grouped_plan.clusters_table().equals(small_plan.clusters_table())
+    assert grouped_plan.negatives_table().equals(small_plan.negatives_table())
+
+
+def test_plans_with_one_group_per_epoch_still_read(tmp_path, grouped_plan):
+    """Plans written before row groups of batches (no ``batches_per_row_group``)."""
+    import shutil
+
+    copy = Path(shutil.copytree(grouped_plan.path, tmp_path / grouped_plan.plan_id))
+    manifest = json.loads((copy / "manifest.json").read_text())
+    del manifest["counts"]["batches_per_row_group"]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    t = pq.read_table(copy / "batches.parquet")
+    pq.write_table(t, copy / "batches.parquet", row_group_size=t.num_rows // 2)
+    old = BatchPlan.open(copy)
+    old.validate(check_hashes=False)
+    assert old.batch_table(1, 4).equals(grouped_plan.batch_table(1, 4))
+    pq.write_table(t, copy / "batches.parquet", row_group_size=3 * 128)  # groups, no field
+    with pytest.raises(PlanError, match=r"row groups, expected 2 \(1 per epoch\)"):
+        BatchPlan.open(copy).validate(check_hashes=False)
+
+
+@pytest.mark.parametrize("table,message", [
+    ("batches.parquet", "row .* appears twice without being marked padded"),
+    ("clusters.parquet", "a non-padded row appears in two clusters"),
+])
+def test_validate_finds_repeats_across_row_groups(tmp_path, grouped_plan, table, message):
+    """A row repeated in two different row groups: only a check over the whole table (the
+    bit set, not a per-group check) sees it."""
+    import shutil
+
+    import pyarrow as pa
+
+    copy = Path(shutil.copytree(grouped_plan.path, tmp_path / grouped_plan.plan_id))
+    file = pq.ParquetFile(copy / table)
+    t = file.read()
+    rows = t.column("row").to_numpy().copy()
+    padded = t.column("padded").to_numpy(zero_copy_only=False)
+    first = file.metadata.row_group(0).num_rows
+    a = int(np.flatnonzero(~padded[:first])[0])
+    b = first + int(np.flatnonzero(~padded[first:])[0])  # in the second group
+    rows[b] = rows[a]
+    t = t.set_column(t.column_names.index("row"), "row", pa.array(rows))
+    pq.write_table(t, copy / table, row_group_size=first)
+    with pytest.raises(PlanError, match=message):
+        BatchPlan.open(copy).validate(check_hashes=False)
