@@ -10,9 +10,10 @@ Every check names the file, column and row at fault. Loading never changes the i
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -43,7 +44,10 @@ class Embeddings:
         source: str = "<memory>",
         normalize: bool = False,
         columns: tuple[str | None, str | None] = ("queries", "targets"),
+        unique_ids: bool = True,
     ) -> Embeddings:
+        """Checked embeddings. ``unique_ids=False`` skips the uniqueness check, for a shard of
+        a larger input whose ids are checked as a whole elsewhere (the Dask loader)."""
         ids = np.asarray(ids)
         if ids.dtype.kind not in "iuUO":
             raise InputError("ids must be integers or strings", file=source, expected="int or str",
@@ -53,7 +57,7 @@ class Embeddings:
         q = _check_matrix(queries, source, columns[0])
         t = None if targets is None else _check_matrix(targets, source, columns[1])
         emb = cls(ids=ids, queries=q, targets=t, source=source, columns=columns)
-        emb._check_aligned()
+        emb._check_aligned(unique_ids)
         return emb.normalized() if normalize else emb
 
     @property
@@ -87,10 +91,14 @@ class Embeddings:
         """Content hash of ids and vectors: part of the plan id."""
         h = hashlib.blake2b(digest_size=16)
         h.update(str(self.ids.dtype.kind).encode())
-        if self.ids.dtype.kind in "iu":
-            h.update(np.ascontiguousarray(self.ids, dtype=np.int64).tobytes())
-        else:
-            h.update("\0".join(self.ids.tolist()).encode())
+        # In chunks, so memory-mapped ids are hashed in bounded memory; the bytes hashed are
+        # those of the whole array (string ids joined by NUL), whatever the chunking.
+        for start in range(0, len(self.ids), 65536):
+            chunk = self.ids[start : start + 65536]
+            if self.ids.dtype.kind in "iu":
+                h.update(np.ascontiguousarray(chunk, dtype=np.int64).tobytes())
+            else:
+                h.update(("\0" if start else "").encode() + "\0".join(chunk.tolist()).encode())
         for m in (self.queries, self.targets):
             if m is not None:
                 h.update(f"{m.shape}".encode())
@@ -98,7 +106,7 @@ class Embeddings:
                     h.update(np.ascontiguousarray(m[start : start + 65536]).tobytes())
         return h.hexdigest()
 
-    def _check_aligned(self) -> None:
+    def _check_aligned(self, unique_ids: bool = True) -> None:
         n = self.queries.shape[0]
         if self.ids.ndim != 1 or len(self.ids) != n:
             raise InputError("ids are not aligned with the embeddings", file=self.source,
@@ -106,7 +114,8 @@ class Embeddings:
         if self.targets is not None and self.targets.shape != self.queries.shape:
             raise InputError("query and target embeddings differ in shape", file=self.source,
                              expected=str(self.queries.shape), got=str(self.targets.shape))
-        check_unique_ids(self.ids, self.source)
+        if unique_ids:
+            check_unique_ids(self.ids, self.source)
 
 
 def _check_matrix(m: np.ndarray, source: str, column: str | None) -> np.ndarray:
@@ -143,16 +152,30 @@ def _check_finite(m: np.ndarray, source: str, column: str | None) -> None:
                              row=row, expected="finite floats")
 
 
+def first_duplicate(ids: np.ndarray) -> tuple[Any, int, int] | None:
+    """The smallest id that occurs more than once and the positions of its first two
+    occurrences, or None when the ids are unique."""
+    _, first, counts = np.unique(ids, return_index=True, return_counts=True)
+    if not (counts > 1).any():
+        return None
+    value = ids[first[int(np.argmax(counts > 1))]]
+    later = np.flatnonzero(ids == value)
+    value = value.item() if isinstance(value, np.generic) else value
+    return value, int(later[0]), int(later[1])
+
+
+def duplicate_id_error(duplicate: tuple[Any, int, int], source: str) -> InputError:
+    """The error for ``first_duplicate``'s answer (positions are rows of ``source``)."""
+    value, first, second = duplicate
+    return InputError(f"duplicate id {value!r}, first seen at row {first}", file=source,
+                      row=second, expected="unique ids")
+
+
 def check_unique_ids(ids: np.ndarray, source: str) -> None:
     """Raise `InputError` naming the file rows of the first duplicated id."""
-    _, first, counts = np.unique(ids, return_index=True, return_counts=True)
-    if (counts > 1).any():
-        dup = int(np.argmax(counts > 1))
-        later = np.flatnonzero(ids == ids[first[dup]])
-        value = ids[first[dup]]
-        value = value.item() if isinstance(value, np.generic) else value
-        raise InputError(f"duplicate id {value!r}, first seen at row {int(later[0])}",
-                         file=source, row=int(later[1]), expected="unique ids")
+    duplicate = first_duplicate(ids)
+    if duplicate is not None:
+        raise duplicate_id_error(duplicate, source)
 
 
 def _l2_normalize(m: np.ndarray, source: str, column: str | None) -> np.ndarray:
@@ -220,7 +243,15 @@ def read_ids_file(path: Path) -> np.ndarray:
         raise InputError("no such id file", file=str(path))
     if path.suffix == ".npy":
         return load_npy(path, mmap=False)
-    return np.array(path.read_text().splitlines(), dtype=str)
+    return np.array(list(id_lines(path)), dtype=str)
+
+
+def id_lines(path: Path) -> Iterator[str]:
+    """The ids of a text id file, one per line, read a line at a time (``str.splitlines``
+    boundaries, as if the whole text were split)."""
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            yield from line.splitlines()
 
 
 def load_npy(path: Path, *, mmap: bool = True) -> np.ndarray:

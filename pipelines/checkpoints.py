@@ -4,6 +4,7 @@ Layout of ``<out>/.work/<job_id>/``::
 
     load.done            marker (JSON): fingerprint, n_rows, dim, paired, id kind, seconds
     ids.npy              dataset ids, in row order (int64, or fixed-width strings)
+    id-parts/<start>.npy one per load shard: (id, row) in hash-bucket order (+ .bounds.npy)
     queries.npy          prepared (normalised) vectors; targets.npy for paired data
     raw_queries.npy      the input vectors, kept only to compute the dataset fingerprint
     neighbours/part-*.parquet   one file per query block: rows, scores (fixed-size lists)
@@ -30,6 +31,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -57,6 +59,11 @@ def atomic_path(path: Path) -> Iterator[Path]:
 def write_json(path: Path, data: dict[str, Any]) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+
+
+def write_npy(path: Path, array: np.ndarray) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array)
 
 
 def write_parquet(path: Path, table: pa.Table, **kwargs: Any) -> None:

@@ -362,11 +362,15 @@ class _Job:
         # the core's checks (one full batch, a window that fits), before any vector is read
         self.config.check_fits(plan.n_rows, plan.label)
         stages.allocate_vectors(self.work, plan, self.config.normalize)
-        total = len(plan.shards) + 1
+        total = len(plan.shards) + plan.id_buckets + 1
         futures = [self.submit(stages.load_shard, self.root, plan, a, b, self.config.normalize)
                    for a, b in plan.shards]
-        self.gather("load", futures, total=total)
-        meta = self.one("load", stages.finish_load, self.root, plan, self.config.normalize)
+        id_dtypes = self.gather("load", futures, total=total)
+        futures = [self.submit(stages.id_bucket_task, self.root, plan, b)
+                   for b in range(plan.id_buckets)]
+        duplicates = self.gather("load", futures, done=len(plan.shards), total=total)
+        meta = self.one("load", stages.finish_load, self.root, plan, self.config.normalize,
+                        id_dtypes, duplicates)
         meta["shards"] = len(plan.shards)
         return meta
 

@@ -37,7 +37,7 @@ from b3mine.mining import finish_plan
 from b3mine.negatives import positive_scores
 from b3mine.neighbours import Neighbours
 
-from pipelines.checkpoints import WorkDir, atomic_path, write_json, write_parquet
+from pipelines.checkpoints import WorkDir, atomic_path, write_json, write_npy, write_parquet
 from pipelines.stages import (
     QUERIES,
     _maybe_fail,
@@ -66,11 +66,6 @@ def _npy(work: WorkDir, name: str, shape: tuple[int, ...], dtype: Any) -> None:
             del m
 
 
-def _write_npy(path, array: np.ndarray) -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.save(f, array)
-
-
 def _delay(seconds: float) -> None:
     if seconds:
         time.sleep(seconds)
@@ -95,7 +90,7 @@ def centroids_task(work_root: str, config: MiningConfig, n_rows: int, fail: bool
     _npy(work, FIRST, (n_rows,), np.int32)
     _npy(work, SECOND, (n_rows,), np.int32)
     _npy(work, REGION, (n_rows,), np.int32)
-    _write_npy(work.path(CENTROIDS), centroids)
+    write_npy(work.path(CENTROIDS), centroids)
     return int(centroids.shape[0])
 
 
@@ -116,7 +111,7 @@ def assign_task(work_root: str, part: str, start: int, stop: int) -> str:
         del out
     r = centroids.shape[0]
     counts = np.bincount(first.astype(np.int64) * r + second, minlength=r * r).reshape(r, r)
-    _write_npy(_counts_path(work, part), counts)
+    write_npy(_counts_path(work, part), counts)
     return part
 
 
@@ -358,7 +353,7 @@ def key_range_task(work_root: str, config: MiningConfig, n_clusters: int, epoch:
     keys = np.concatenate(mine_k) if mine_k else np.zeros(0, np.uint64)
     order = np.lexsort((clusters, keys))
     slots = before + np.arange(len(order), dtype=np.int64)
-    _write_npy(_batch_part(work, epoch, task), np.stack([slots, clusters[order]]))
+    write_npy(_batch_part(work, epoch, task), np.stack([slots, clusters[order]]))
     return len(order)
 
 

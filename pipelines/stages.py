@@ -14,6 +14,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +29,13 @@ from b3mine.config import EmbeddingSource, MiningConfig
 from b3mine.cores import usable_cores
 from b3mine.embeddings import (
     Embeddings,
+    duplicate_id_error,
+    first_duplicate,
+    id_lines,
     load_npy,
     read_checked,
     open_parquet,
     parquet_files,
-    read_ids_file,
     require_ids_path,
     source_columns,
     vector_column,
@@ -58,11 +61,13 @@ from b3mine.neighbours import (
 )
 from b3mine.plan import PlanLineage
 
-from pipelines.checkpoints import WorkDir, atomic_path, write_parquet
+from pipelines.checkpoints import WorkDir, atomic_path, write_npy, write_parquet
 
 QUERIES, TARGETS = "queries.npy", "targets.npy"
 RAW_QUERIES, RAW_TARGETS = "raw_queries.npy", "raw_targets.npy"
 IDS = "ids.npy"
+ID_PARTS = "id-parts"  # per load shard: its ids and rows in hash-bucket order
+ID_BUCKET_ROWS = 1 << 20  # about this many ids per uniqueness bucket: one bucket task's memory
 INDEX = "index.faiss"
 
 
@@ -133,6 +138,7 @@ class SourcePlan:
     dim: int
     paired: bool
     shards: tuple[tuple[int, int], ...]  # global [start, stop) row ranges
+    id_buckets: int = 1  # hash buckets of the partitioned id-uniqueness check
 
     @property
     def label(self) -> str:
@@ -154,6 +160,7 @@ def plan_source(source: EmbeddingSource, shard_rows: int) -> SourcePlan:
         require_ids_path(source)
         q = load_npy(path)
         n, dim = (q.shape[0], q.shape[1]) if q.ndim == 2 else (q.shape[0], 0)
+        _check_id_count(Path(source.ids_path), n, str(path))
         edges = list(range(0, n, shard_rows)) + [n]
     else:
         rows = ParquetRows.open(path, _source_columns(source))
@@ -162,7 +169,32 @@ def plan_source(source: EmbeddingSource, shard_rows: int) -> SourcePlan:
         dim = len(first.column(0)[0].as_py() or []) if first is not None and first.num_rows else 0
         edges = _merge_edges(rows.boundaries(), shard_rows)
     shards = tuple((a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a)
-    return SourcePlan(source=source, n_rows=n, dim=dim, paired=paired, shards=shards)
+    return SourcePlan(source=source, n_rows=n, dim=dim, paired=paired, shards=shards,
+                      id_buckets=max(1, -(-n // ID_BUCKET_ROWS)))
+
+
+def _check_id_count(path: Path, n_rows: int, label: str) -> None:
+    """The core loader's alignment check, without reading the ids into memory."""
+    if not path.exists():
+        raise InputError("no such id file", file=str(path))
+    if path.suffix == ".npy":
+        ids = load_npy(path)
+        got = str(len(ids)) if ids.ndim == 1 else f"an array of shape {ids.shape}"
+        aligned = ids.ndim == 1 and len(ids) == n_rows
+    else:
+        count = sum(1 for _ in id_lines(path))
+        got, aligned = str(count), count == n_rows
+    if not aligned:
+        raise InputError("ids are not aligned with the embeddings", file=label,
+                         expected=f"{n_rows} ids", got=got)
+
+
+def _id_file_slice(path: Path, start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) of an id file: a slice of a memory-mapped ``.npy``; a text file is
+    read from its start up to ``stop`` (one line at a time: give ``.npy`` ids past ~10M rows)."""
+    if path.suffix == ".npy":
+        return np.asarray(load_npy(path)[start:stop])
+    return np.array(list(islice(id_lines(path), start, stop)), dtype=str)
 
 
 def _merge_edges(boundaries: list[int], shard_rows: int) -> list[int]:
@@ -175,18 +207,22 @@ def _merge_edges(boundaries: list[int], shard_rows: int) -> list[int]:
 
 
 def _read_shard(plan: SourcePlan, start: int, stop: int
-                ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray | None]:
-    """ids (Parquet only), queries and targets of rows [start, stop) as read from the input."""
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """ids, queries and targets of rows [start, stop) as read from the input."""
     src = plan.source
     path = Path(src.path)
     if path.suffix == ".npy":
         q = np.asarray(load_npy(path)[start:stop])
         t = np.asarray(load_npy(Path(src.target_path))[start:stop]) \
             if src.target_path else None
-        return None, q, t
+        return _id_file_slice(Path(src.ids_path or ""), start, stop), q, t
     rows = ParquetRows.open(path, _source_columns(src))
     table = rows.read(start, stop, _source_columns(src))
-    ids = table.column(src.id_column).to_numpy(zero_copy_only=False)
+    col = table.column(src.id_column)
+    if col.null_count:
+        row = start + int(np.argmax(col.is_null().to_numpy(zero_copy_only=False)))
+        raise InputError("null id", file=str(path), column=src.id_column, row=row)
+    ids = col.to_numpy(zero_copy_only=False)
     q = vector_column(table, src.column, str(path))
     t = None
     if src.target_column:
@@ -220,17 +256,16 @@ def allocate_vectors(work: WorkDir, plan: SourcePlan, normalize: bool) -> None:
                 del m
 
 
-def load_shard(work_root: str, plan: SourcePlan, start: int, stop: int, normalize: bool) -> int:
-    """Read, validate and (if asked) normalise rows [start, stop) into the work directory.
+def load_shard(work_root: str, plan: SourcePlan, start: int, stop: int, normalize: bool) -> str:
+    """Read, validate and (if asked) normalise rows [start, stop) into the work directory, and
+    write the shard's ids for the uniqueness buckets. Returns the ids' dtype.
 
     Idempotent: a retry rewrites the same slice with the same bytes.
     """
     work = WorkDir(work_root)
     ids, q, t = _read_shard(plan, start, stop)
-    if ids is None:
-        ids = np.arange(start, stop)  # .npy: ids are checked as a whole by finish_load
-    try:
-        emb = Embeddings.from_arrays(ids, q, t, source=plan.label,
+    try:  # uniqueness is checked across shards, by id_bucket_task
+        emb = Embeddings.from_arrays(ids, q, t, source=plan.label, unique_ids=False,
                                      columns=source_columns(plan.source))
     except InputError as exc:  # report the row in the whole input, not in the shard
         row = None if exc.row is None else start + exc.row
@@ -250,34 +285,74 @@ def load_shard(work_root: str, plan: SourcePlan, start: int, stop: int, normaliz
             out[start:stop] = m
             out.flush()
             del out
-    return stop - start
+    _write_id_part(work, start, emb.ids, plan.id_buckets)
+    return emb.ids.dtype.str
 
 
-def finish_load(work_root: str, plan: SourcePlan, normalize: bool, fail: bool = False
+def _id_part_paths(work: WorkDir, start: int) -> tuple[Path, Path]:
+    return (work.path(f"{ID_PARTS}/{start:012d}.npy"),
+            work.path(f"{ID_PARTS}/{start:012d}.bounds.npy"))
+
+
+def _write_id_part(work: WorkDir, start: int, ids: np.ndarray, buckets: int) -> None:
+    """The shard's (id, row) pairs ordered by hash bucket, rows ascending within one, and
+    where each bucket starts: a bucket task reads its slice of every part and nothing else."""
+    from pandas.util import hash_array  # vectorised hashes of ints and strings, fixed key
+
+    bucket = hash_array(ids) % np.uint64(buckets)
+    order = np.argsort(bucket, kind="stable")
+    part = np.empty(len(ids), dtype=[("id", ids.dtype), ("row", np.int64)])
+    part["id"], part["row"] = ids[order], start + order
+    pairs, bounds = _id_part_paths(work, start)
+    write_npy(pairs, part)
+    write_npy(bounds, np.searchsorted(bucket[order], np.arange(buckets + 1, dtype=np.uint64)))
+
+
+def id_bucket_task(work_root: str, plan: SourcePlan, bucket: int
+                   ) -> tuple[Any, int, int] | None:
+    """The smallest duplicated id among the ids hashed to ``bucket``, with the input rows of
+    its first two occurrences (``first_duplicate``), or None: a partitioned uniqueness check,
+    so no task holds every id."""
+    work = WorkDir(work_root)
+    ids, rows = [], []
+    for start, _ in plan.shards:  # ascending, so rows stay ascending
+        pairs, bounds = _id_part_paths(work, start)
+        a, b = np.load(bounds)[bucket : bucket + 2]
+        piece = np.asarray(np.load(pairs, mmap_mode="r")[a:b])
+        ids.append(piece["id"])  # shards' string widths may differ: concatenate the fields
+        rows.append(piece["row"])
+    duplicate = first_duplicate(np.concatenate(ids))
+    if duplicate is None:
+        return None
+    value, i, j = duplicate
+    row = np.concatenate(rows)
+    return value, int(row[i]), int(row[j])
+
+
+def finish_load(work_root: str, plan: SourcePlan, normalize: bool, id_dtypes: list[str],
+                duplicates: list[tuple[Any, int, int] | None], fail: bool = False
                 ) -> dict[str, Any]:
-    """All ids at once (global uniqueness), the dataset fingerprint, and ``ids.npy``."""
+    """The uniqueness buckets' verdict, ``ids.npy`` assembled a shard at a time, and the
+    dataset fingerprint (streamed over memory-mapped rows)."""
     _maybe_fail("load", fail)
     work = WorkDir(work_root)
-    src = plan.source
-    if Path(src.path).suffix == ".npy":
-        ids = read_ids_file(Path(src.ids_path or ""))
-    else:
-        rows = ParquetRows.open(src.path, [src.id_column])
-        table = rows.read(0, plan.n_rows, [src.id_column])
-        col = table.column(src.id_column)
-        if col.null_count:
-            row = int(np.argmax(col.is_null().to_numpy(zero_copy_only=False)))
-            raise InputError("null id", file=plan.label, column=src.id_column, row=row)
-        ids = col.to_numpy(zero_copy_only=False)
-    # from_arrays runs the core's id checks (type, alignment, uniqueness) on the whole input.
-    checked = Embeddings.from_arrays(ids, np.zeros((plan.n_rows, 1), np.float32),
-                                     source=plan.label)
-    raw = work_embeddings(work, checked.ids, plan.label, raw=normalize)
-    fingerprint = raw.fingerprint()  # the core's hash, streamed over memory-mapped rows
-    ids = checked.ids if checked.ids.dtype.kind in "iuU" else checked.ids.astype(str)
+    found = [d for d in duplicates if d is not None]
+    if found:  # the smallest duplicated id, as the core's check_unique_ids reports it
+        raise duplicate_id_error(min(found), plan.label)
+    kinds = {np.dtype(d).kind for d in id_dtypes}
+    if "U" in kinds and len(kinds) > 1:
+        raise InputError("ids mix integers and strings across the input's files",
+                         file=plan.label, column=plan.source.id_column)
+    # strings: the widest shard's width; integers of mixed signedness: int64, as hashed
+    dtype = np.dtype(np.int64) if kinds == {"i", "u"} else np.result_type(*id_dtypes)
     with atomic_path(work.path(IDS)) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, ids)
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(plan.n_rows,))
+        for start, _ in plan.shards:
+            part = np.load(_id_part_paths(work, start)[0], mmap_mode="r")
+            out[part["row"]] = part["id"]
+        out.flush()
+        del out
+    fingerprint = work_embeddings(work, read_ids(work), plan.label, raw=normalize).fingerprint()
     return {"fingerprint": fingerprint, "n_rows": plan.n_rows, "dim": plan.dim,
             "paired": plan.paired, "source": plan.label}
 

@@ -180,6 +180,65 @@ def test_bad_input_names_the_stage_and_global_row(tmp_path, client):
     assert "column 'embedding', row 333" in str(info.value) and "NaN" in str(info.value)
 
 
+def _grouped_parquet(path, ids, x, group=100):
+    import pyarrow as pa
+
+    table = pa.table({"id": ids, "embedding": pa.FixedSizeListArray.from_arrays(
+        pa.array(x.reshape(-1)), x.shape[1])})
+    pq.write_table(table, path, row_group_size=group)
+    return path
+
+
+def test_id_checks_span_shards_and_buckets(tmp_path, client, monkeypatch):
+    """Id uniqueness is a partitioned check (hash buckets over every shard's ids, no task
+    holds them all): duplicates split across shards get the core loader's message, the
+    smallest duplicated id first; a null id names its row in the whole input."""
+    from b3mine.embeddings import load_embeddings
+
+    monkeypatch.setattr(stages, "ID_BUCKET_ROWS", 90)  # 7 buckets for 600 rows
+    x = clustered_vectors(600, 8, 4, seed=1)
+    ids = [f"doc-{i}" for i in range(600)]
+    ids[450], ids[590] = ids[130], ids[20]  # both cross shards; 'doc-20' sorts first
+    path = _grouped_parquet(tmp_path / "dup.parquet", ids, x)
+    cfg = MiningConfig(batch_size=32, cluster_size=16, p=1, m=5)
+    with pytest.raises(InputError) as core:
+        load_embeddings(path)
+    with pytest.raises(StageError) as info:
+        run_job(path, cfg, tmp_path / "plans", client=client, shard_rows=100, retries=0)
+    assert info.value.stage == "load" and str(info.value.cause) == str(core.value)
+    assert "row 590: duplicate id 'doc-20', first seen at row 20" in str(core.value)
+
+    ints = np.arange(600)
+    ints[599] = 7
+    path = _grouped_parquet(tmp_path / "dup-int.parquet", ints, x)
+    with pytest.raises(StageError, match=r"row 599: duplicate id 7, first seen at row 7"):
+        run_job(path, cfg, tmp_path / "plans", client=client, shard_rows=100, retries=0)
+
+    path = _grouped_parquet(tmp_path / "null.parquet", [*range(432), None, *range(433, 600)], x)
+    with pytest.raises(StageError, match=r"column 'id', row 432: null id"):
+        run_job(path, cfg, tmp_path / "plans", client=client, shard_rows=100, retries=0)
+
+
+def test_npy_ids_are_read_by_shard(tmp_path, client, monkeypatch):
+    """.npy input: each shard reads its slice of the id file (.npy or text), the plan is the
+    in-process one, and a misaligned id file is refused before any vector is read."""
+    monkeypatch.setattr(stages, "ID_BUCKET_ROWS", 128)
+    x = clustered_vectors(500, 16, 8, seed=4)
+    np.save(tmp_path / "q.npy", x)
+    np.save(tmp_path / "ids.npy", np.arange(1000, 1500))
+    cfg = MiningConfig(batch_size=64, cluster_size=16, p=2, m=10)
+    src = EmbeddingSource(path=str(tmp_path / "q.npy"), ids_path=str(tmp_path / "ids.npy"))
+    result = run_job(src, cfg, tmp_path / "dask", client=client, shard_rows=128)
+    assert_same_plan(local_mine(src, cfg, tmp_path / "local"), result.plan)  # ids: fingerprint
+
+    np.save(tmp_path / "short.npy", np.arange(499))
+    (tmp_path / "short.txt").write_text("\n".join(map(str, range(501))))
+    for name, got in (("short.npy", "got 499"), ("short.txt", "got 501")):
+        bad = EmbeddingSource(path=str(tmp_path / "q.npy"), ids_path=str(tmp_path / name))
+        with pytest.raises(InputError, match=f"not aligned .*expected 500 ids, {got}"):
+            plan_source(bad, shard_rows=128)
+
+
 def test_failed_stage_resumes_from_checkpoints(tmp_path, corpus_path, small_config, small_plan,
                                                client, monkeypatch):
     monkeypatch.setenv(FAIL_ENV, "clusters")
