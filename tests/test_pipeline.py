@@ -198,7 +198,7 @@ def test_id_checks_span_shards_and_buckets(tmp_path, client, monkeypatch):
     monkeypatch.setattr(stages, "ID_BUCKET_ROWS", 90)  # 7 buckets for 600 rows
     x = clustered_vectors(600, 8, 4, seed=1)
     ids = [f"doc-{i}" for i in range(600)]
-    ids[450], ids[590] = ids[130], ids[20]  # both cross shards; 'doc-20' sorts first
+    ids[450], ids[590] = ids[130], ids[20]  # both cross shards; 'doc-130' sorts first
     path = _grouped_parquet(tmp_path / "dup.parquet", ids, x)
     cfg = MiningConfig(batch_size=32, cluster_size=16, p=1, m=5)
     with pytest.raises(InputError) as core:
@@ -206,7 +206,7 @@ def test_id_checks_span_shards_and_buckets(tmp_path, client, monkeypatch):
     with pytest.raises(StageError) as info:
         run_job(path, cfg, tmp_path / "plans", client=client, shard_rows=100, retries=0)
     assert info.value.stage == "load" and str(info.value.cause) == str(core.value)
-    assert "row 590: duplicate id 'doc-20', first seen at row 20" in str(core.value)
+    assert "row 450: duplicate id 'doc-130', first seen at row 130" in str(core.value)
 
     ints = np.arange(600)
     ints[599] = 7
