@@ -41,7 +41,8 @@ from scipy.sparse import csr_matrix, issparse, triu
 from b3mine.config import MiningConfig
 from b3mine.errors import InputError
 
-__all__ = ["Clusters", "cluster", "exact_size", "find_communities", "split_oversized"]
+__all__ = ["Clusters", "cluster", "exact_size", "find_communities", "kaminpar_partition",
+           "split_oversized"]
 
 # igraph and KaMinPar keep one process-wide RNG each; serialise seeded runs so that threads
 # don't interleave draws.
@@ -196,43 +197,61 @@ def _metis_backend(graph: csr_matrix, config: MiningConfig) -> np.ndarray:
 
 
 def _kaminpar_backend(graph: csr_matrix, config: MiningConfig) -> np.ndarray:
-    """KaMinPar into ceil(N / K) blocks, each capped at K rows (so most blocks are exactly K).
-
-    Its Python bindings read graphs from files only: the graph goes to a METIS text file in a
-    temporary directory (``$TMPDIR``). One thread is reproducible for a seed; more are not
-    (KaMinPar's parallel label propagation races).
-    """
+    """KaMinPar into ceil(N / K) blocks, each capped at K rows (so most blocks are exactly K)."""
     n, k = graph.shape[0], config.cluster_size
     nparts = -(-n // k)
     if nparts <= 1:
         return np.zeros(n, dtype=np.int64)
+    return kaminpar_partition(graph, [k] * nparts, config.seed, threads=config.kaminpar_threads,
+                              preset=config.kaminpar_preset)
+
+
+def kaminpar_partition(graph: csr_matrix, max_block_weights: list[int], seed: int, *,
+                       threads: int = 1, preset: str = "largek-fast",
+                       vertex_weights: np.ndarray | None = None) -> np.ndarray:
+    """KaMinPar block of every node, block b weighing at most ``max_block_weights[b]``.
+
+    Nodes weigh 1 each, or ``vertex_weights`` (positive integers; then ``graph.data`` holds
+    positive integer edge weights too). Its Python bindings read graphs from files only: the
+    graph goes to a METIS text file in a temporary directory (``$TMPDIR``). One thread is
+    reproducible for a seed; more are not (KaMinPar's parallel label propagation races).
+    """
     kaminpar = _require("kaminpar", "kaminpar")
     with tempfile.TemporaryDirectory(prefix="b3mine-kaminpar-") as tmp:
         path = os.path.join(tmp, "graph.metis")
-        write_metis(graph, path)
+        write_metis(graph, path, vertex_weights)
         loaded = kaminpar.load_graph(path, kaminpar.GraphFileFormat.METIS)
     with _KAMINPAR_RNG_LOCK:
-        kaminpar.reseed(_seed32(config.seed))
-        solver = kaminpar.KaMinPar(config.kaminpar_threads,
-                                   kaminpar.context_by_name(config.kaminpar_preset))
-        parts = solver.compute_partition(loaded, [k] * nparts)
+        kaminpar.reseed(_seed32(seed))
+        solver = kaminpar.KaMinPar(threads, kaminpar.context_by_name(preset))
+        parts = solver.compute_partition(loaded, [int(w) for w in max_block_weights])
     return np.asarray(parts, dtype=np.int64)
 
 
-def write_metis(graph: csr_matrix, path: str) -> None:
-    """Write a symmetric unweighted graph in METIS text format: ``n m`` then, per node, its
-    1-based neighbours (an empty line for an isolated node). Self loops and stored zeros are
-    left out (the format has neither). Vectorised through Arrow's CSV writer: one text column,
-    no header, no quoting."""
+def write_metis(graph: csr_matrix, path: str, vertex_weights: np.ndarray | None = None
+                ) -> None:
+    """Write a symmetric graph in METIS text format: ``n m`` then, per node, its 1-based
+    neighbours (an empty line for an isolated node). With ``vertex_weights`` the header ends in
+    ``011`` and each line is the node's weight, then (neighbour, edge weight) pairs, the edge
+    weights being ``graph.data`` as integers. Self loops and stored zeros are left out (the
+    format has neither). Vectorised through Arrow's CSV writer: one text column, no header, no
+    quoting."""
     n = graph.shape[0]
     row = np.repeat(np.arange(n), np.diff(graph.indptr))
     keep = (graph.indices != row) & (graph.data != 0)
-    indices = graph.indices[keep].astype(np.int64)
-    indptr = np.concatenate([[0], np.cumsum(np.bincount(row[keep], minlength=n))])
-    words = pa.array(indices + 1).cast(pa.string())
+    tokens = graph.indices[keep].astype(np.int64) + 1
+    per_node = np.bincount(row[keep], minlength=n)
+    header = f"{n} {tokens.size // 2}"
+    if vertex_weights is not None:
+        pairs = np.column_stack([tokens, graph.data[keep].astype(np.int64)]).reshape(-1)
+        starts = 2 * (np.cumsum(per_node) - per_node)  # each line opens with the node's weight
+        tokens = np.insert(pairs, starts, np.asarray(vertex_weights, np.int64))
+        per_node, header = 2 * per_node + 1, header + " 011"
+    indptr = np.concatenate([[0], np.cumsum(per_node)])
+    words = pa.array(tokens).cast(pa.string())
     lines = pc.binary_join(pa.LargeListArray.from_arrays(pa.array(indptr), words), " ")
     with open(path, "wb") as f:
-        f.write(f"{n} {indices.size // 2}\n".encode())
+        f.write(f"{header}\n".encode())
         csv.write_csv(pa.table({"adjacency": lines}), f,
                       csv.WriteOptions(include_header=False, quoting_style="none"))
 

@@ -51,6 +51,9 @@ FORMAT_VERSION = 1
 # Bumped whenever the same inputs and config can give a different plan (an algorithm change):
 # 2 = canonical neighbour order (b3mine.neighbours.canonical_order).
 RESULT_VERSION = 2
+# Region-parallel plans only (``MiningConfig.region_size``), so global plan ids stay put:
+# 2 = regions cut from the cell graph by KaMinPar (b3mine.regions).
+REGIONS_VERSION = 2
 # The distributions whose version can change a plan, per setting that uses them. numpy draws
 # every random choice (its Generator streams may change between releases).
 RESULT_LIBRARIES: dict[str, tuple[str, ...]] = {
@@ -76,8 +79,12 @@ def result_versions(config: MiningConfig) -> dict[str, str]:
 
     out = {"b3mine-result": str(RESULT_VERSION),
            "numpy": ".".join(np.__version__.split(".")[:2])}
-    for name in (RESULT_LIBRARIES.get(config.algorithm, ())
-                 + RESULT_LIBRARIES.get(config.neighbours.index, ())):
+    libraries = (RESULT_LIBRARIES.get(config.algorithm, ())
+                 + RESULT_LIBRARIES.get(config.neighbours.index, ()))
+    if config.region_size is not None:
+        out["b3mine-regions"] = str(REGIONS_VERSION)
+        libraries += RESULT_LIBRARIES["kaminpar"]  # it cuts the regions, whatever the backend
+    for name in dict.fromkeys(libraries):
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

@@ -4,10 +4,14 @@ Position in the pipeline: neighbours -> **regions** -> per region (graph -> clus
 negatives) -> batches -> plan. The Dask engine (``pipelines/regions.py``) runs one task per
 region; this module holds the algorithms, each a plain function of one region's arrays.
 
-* **Regions.** A seeded k-means (FAISS) with ``ceil(N / S)`` centroids on a sample; every row
-  goes to its nearest centroid. A coarse region larger than S is cut into ``ceil(size / S)``
-  near-equal chunks after ordering its rows by their *second* nearest centroid (then by row),
-  so each chunk keeps the rows that lean towards the same neighbouring region together.
+* **Regions.** Rows are first grouped into fine *cells*: the IVF coarse lists when the
+  neighbour index is IVF (the fill tasks already assigned every row), otherwise a seeded
+  k-means with ``CELLS_PER_REGION`` centroids per region. The *cell graph* has a node per cell
+  weighing its rows and an edge weighing the window entries [p, p+m) between two cells.
+  KaMinPar cuts it into ceil(N / S) blocks of at most S rows with the least window weight
+  between blocks, so a region is a set of whole cells that point at each other: the cut is
+  the share of window entries regions lose. A block still above S (a cell larger than S) is
+  cut into near-equal chunks in (cell, row) order.
 * **Rule for neighbours in other regions.** A region's graph is the global window graph
   induced on its rows: edge i - j is kept only when i and j share a region and each is in the
   other's window [p, p+m) (the mutual test needs both rank lists, which the region holds).
@@ -32,6 +36,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.sparse import coo_matrix, csr_matrix
 
 from b3mine import clustering
 from b3mine.config import MiningConfig
@@ -39,8 +44,11 @@ from b3mine.graph import window_graph
 from b3mine.negatives import hnips, hnps_clusters
 from b3mine.neighbours import Neighbours
 
-__all__ = ["RegionResult", "chunk_regions", "epoch_keys", "mine_region", "n_regions",
-           "nearest_two", "train_centroids"]
+__all__ = ["RegionLayout", "RegionResult", "cell_graph", "cell_offsets", "cell_pairs",
+           "epoch_keys", "mine_region", "n_regions", "nearest_cell", "partition_cells",
+           "train_centroids"]
+
+CELLS_PER_REGION = 64  # k-means cells per region when there are no IVF lists (see benchmarks)
 
 
 def n_regions(n_rows: int, region_size: int) -> int:
@@ -60,59 +68,102 @@ def train_centroids(sample: np.ndarray, n_centroids: int, seed: int) -> np.ndarr
     return np.ascontiguousarray(km.centroids, dtype=np.float32)
 
 
-def nearest_two(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Nearest and second-nearest centroid (inner product; ties: lower id) of each row."""
-    scores = np.asarray(x, np.float32) @ centroids.T
-    if centroids.shape[0] == 1:
-        zero = np.zeros(len(scores), np.int32)
-        return zero, zero
-    order = np.argsort(-scores, axis=1, kind="stable")[:, :2]
-    return order[:, 0].astype(np.int32), order[:, 1].astype(np.int32)
+def nearest_cell(x: np.ndarray, centroids: np.ndarray, block: int = 8192) -> np.ndarray:
+    """Nearest centroid (inner product; ties: lower id) of each row, int32."""
+    out = np.empty(len(x), np.int32)
+    for a in range(0, len(x), block):
+        out[a:a + block] = np.argmax(np.asarray(x[a:a + block], np.float32) @ centroids.T, axis=1)
+    return out
 
 
-def chunk_regions(pair_counts: np.ndarray, region_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Final regions from the (coarse, second) row counts summed over all blocks.
-
-    Returns ``chunks`` (R,) sub-regions per coarse region and ``base`` (R,) the first final
-    region id of each. Coarse region c of size s becomes ceil(s / S) chunks of ceil(s / chunks)
-    rows (the last one smaller), in the order (second nearest centroid, row).
-    """
-    sizes = pair_counts.sum(axis=1)
-    chunks = np.maximum(1, -(-sizes // region_size)).astype(np.int64)
-    chunks[sizes == 0] = 0
-    base = np.concatenate([[0], np.cumsum(chunks)[:-1]]).astype(np.int64)
-    return chunks, base
+def cell_pairs(cells: np.ndarray, window_cells: np.ndarray, n_cells: int
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Window entries of one block that join two different cells, counted per ordered pair:
+    keys ``cell_i * n_cells + cell_j`` (ascending) and their counts. ``window_cells`` (n, m)
+    holds the cell of each window entry, -1 for none."""
+    src = np.broadcast_to(np.asarray(cells, np.int64)[:, None], window_cells.shape)
+    keep = (window_cells >= 0) & (window_cells != src)
+    return np.unique(src[keep] * n_cells + window_cells[keep], return_counts=True)
 
 
-def final_regions(first: np.ndarray, second: np.ndarray, offsets: np.ndarray,
-                  sizes: np.ndarray, chunks: np.ndarray, base: np.ndarray) -> np.ndarray:
-    """Final region of each row of one block.
-
-    ``offsets`` (R, R): rows of each (coarse, second) pair that come before this block in the
-    (coarse, second, row) order, i.e. pairs with a smaller second plus earlier blocks' rows of
-    the same pair. Rows of a block are ascending, so the rank inside the pair is a running
-    count in block order.
-    """
-    n_centroids = offsets.shape[0]
-    key = first.astype(np.int64) * n_centroids + second
-    order = np.argsort(key, kind="stable")
-    sorted_key = key[order]
-    starts = np.r_[True, sorted_key[1:] != sorted_key[:-1]] if len(key) else np.zeros(0, bool)
-    run_start = np.maximum.accumulate(np.where(starts, np.arange(len(key)), 0))
-    rank = np.empty(len(key), np.int64)
-    rank[order] = np.arange(len(key)) - run_start
-    position = offsets.reshape(-1)[key] + rank
-    per_chunk = -(-sizes[first] // np.maximum(chunks[first], 1))
-    return (base[first] + position // per_chunk).astype(np.int32)
+def cell_graph(keys: np.ndarray, counts: np.ndarray, n_cells: int) -> csr_matrix:
+    """Symmetric cell graph: edge weight = window entries between the two cells, both ways."""
+    g = coo_matrix((np.asarray(counts, np.int64), (keys // n_cells, keys % n_cells)),
+                   shape=(n_cells, n_cells)).tocsr()
+    return (g + g.T).tocsr()
 
 
-def pair_offsets(block_counts: list[np.ndarray]) -> list[np.ndarray]:
-    """For every block, its (coarse, second) offsets for ``final_regions``."""
-    total = np.sum(block_counts, axis=0)
-    before_second = np.cumsum(total, axis=1) - total  # rows of the same coarse, smaller second
-    out, running = [], np.zeros_like(total)
+def partition_cells(graph: csr_matrix, sizes: np.ndarray, region_size: int, seed: int,
+                    tries: int = 4) -> np.ndarray:
+    """Block of every cell: ceil(N / S) blocks of at most S rows (one more per try while the
+    heaviest block is over S; a cell above S stays over, and `RegionLayout` chunks it), with
+    the least window weight between blocks (KaMinPar, one thread: reproducible for a seed)."""
+    sizes = np.asarray(sizes, np.int64)
+    part = np.zeros(len(sizes), np.int64)
+    used = np.flatnonzero(sizes)  # empty cells hold no rows: leave them out of the graph
+    n_blocks = n_regions(int(sizes.sum()), region_size)
+    if n_blocks <= 1 or len(used) <= 1:
+        return part
+    sub = graph[used][:, used].tocsr()
+    for _ in range(tries):
+        labels = clustering.kaminpar_partition(sub, [region_size] * n_blocks, seed,
+                                               preset="default", vertex_weights=sizes[used])
+        if np.bincount(labels, weights=sizes[used]).max() <= region_size:
+            break
+        n_blocks += 1
+    part[used] = labels
+    return part
+
+
+@dataclass(frozen=True)
+class RegionLayout:
+    """Where the rows of each cell go: block ``part[c]``, then chunks of at most S rows of the
+    block in (cell, row) order. ``prefix[c]``: rows of the block's cells with a smaller id."""
+
+    part: np.ndarray  # (F,) block of each cell
+    prefix: np.ndarray  # (F,)
+    chunks: np.ndarray  # (P,) regions of each block (0 for an empty block)
+    per_chunk: np.ndarray  # (P,) rows per chunk of each block
+
+    @property
+    def n_regions(self) -> int:
+        return int(self.chunks.sum())
+
+    @classmethod
+    def of(cls, part: np.ndarray, sizes: np.ndarray, region_size: int) -> RegionLayout:
+        sizes = np.asarray(sizes, np.int64)
+        block_rows = np.bincount(part, weights=sizes).astype(np.int64)
+        chunks = -(-block_rows // region_size)  # 0 for an empty block: it gets no region id
+        per_chunk = -(-block_rows // np.maximum(chunks, 1))
+        order = np.lexsort((np.arange(len(part)), part))
+        before = np.cumsum(sizes[order]) - sizes[order]  # rows of earlier cells, all blocks
+        start = np.cumsum(block_rows) - block_rows  # ... less those of earlier blocks
+        prefix = np.empty(len(part), np.int64)
+        prefix[order] = before - start[part[order]]
+        return cls(part=part, prefix=prefix, chunks=chunks, per_chunk=per_chunk)
+
+    def regions(self, cells: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+        """Final region of each row of one block (rows ascending); ``offsets`` (F,): rows of
+        each cell in earlier blocks (`cell_offsets`)."""
+        cells = np.asarray(cells, np.int64)
+        order = np.argsort(cells, kind="stable")
+        sorted_cells = cells[order]
+        starts = np.r_[True, sorted_cells[1:] != sorted_cells[:-1]] if len(cells) else \
+            np.zeros(0, bool)
+        run_start = np.maximum.accumulate(np.where(starts, np.arange(len(cells)), 0))
+        rank = np.empty(len(cells), np.int64)
+        rank[order] = np.arange(len(cells)) - run_start
+        block = self.part[cells]
+        position = self.prefix[cells] + offsets[cells] + rank
+        base = np.cumsum(self.chunks) - self.chunks  # first region id of each block
+        return (base[block] + position // self.per_chunk[block]).astype(np.int32)
+
+
+def cell_offsets(block_counts: list[np.ndarray]) -> list[np.ndarray]:
+    """For every block (in row order), the rows of each cell in the blocks before it."""
+    out, running = [], np.zeros_like(block_counts[0]) if block_counts else None
     for counts in block_counts:
-        out.append(before_second + running)
+        out.append(running)
         running = running + counts
     return out
 

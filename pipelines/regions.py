@@ -2,9 +2,10 @@
 
 After ``load`` and ``neighbours`` (unchanged), the job runs, each stage checkpointed:
 
-    regions   one task trains ceil(N / S) k-means centroids on a sample; one task per neighbour
-              block finds each row's two nearest centroids and counts (coarse, second) pairs;
-              one task per block then writes each row's final region (cap S, ``b3mine.regions``)
+    regions   fine cells (the IVF coarse lists, or k-means): one task per neighbour block
+              assigns its rows and counts them per cell, one per block counts the window
+              entries between cells, one task cuts the cell graph into blocks of at most S rows
+              (KaMinPar), one per block writes each row's final region (``b3mine.regions``)
     graph     the partitioned join: one task per neighbour block re-sorts its rank lists by
               region (one Parquet row group per region), so a region task reads only its rows
     clusters  one task per region: induced window graph, clusters of K, extra negatives; then
@@ -39,8 +40,10 @@ from b3mine.neighbours import Neighbours
 
 from pipelines.checkpoints import WorkDir, atomic_path, write_json, write_npy, write_parquet
 from pipelines.stages import (
+    IVF_TRAINED,
     QUERIES,
     _maybe_fail,
+    _query_lists,
     _target_matrix_path,
     read_ids,
     read_neighbours,
@@ -51,10 +54,12 @@ if TYPE_CHECKING:
     from pipelines.engine import _Job
 
 REGION_STAGES = ("load", "neighbours", "regions", "graph", "clusters", "batches", "write")
-CENTROIDS, FIRST, SECOND, REGION = (f"regions/{n}.npy" for n in
-                                    ("centroids", "first", "second", "region"))
+CELL_CENTROIDS, CELL, CELL_PART, REGION = (f"regions/{n}.npy" for n in
+                                           ("cell-centroids", "cell", "cell-part", "region"))
 MEMBERS, MEMBER_PADDED, NEGATIVES = "members.npy", "member_padded.npy", "negatives1.npy"
-SAMPLE_PER_REGION = 256  # k-means training rows per centroid
+SAMPLE_PER_CELL = 64  # k-means training rows per cell
+MIN_ROWS_PER_CELL = 39  # FAISS's k-means warns below this many rows per centroid
+PAIR_FILES_PER_SUM = 64  # cell-pair files summed at once into the cell graph
 
 
 def _npy(work: WorkDir, name: str, shape: tuple[int, ...], dtype: Any) -> None:
@@ -66,6 +71,13 @@ def _npy(work: WorkDir, name: str, shape: tuple[int, ...], dtype: Any) -> None:
             del m
 
 
+def _fill(work: WorkDir, name: str, start: int, values: np.ndarray) -> None:
+    out = np.load(work.path(name), mmap_mode="r+")
+    out[start:start + len(values)] = values
+    out.flush()
+    del out
+
+
 def _delay(seconds: float) -> None:
     if seconds:
         time.sleep(seconds)
@@ -73,24 +85,32 @@ def _delay(seconds: float) -> None:
 
 # -- regions ---------------------------------------------------------------------------------
 
-def centroids_task(work_root: str, config: MiningConfig, n_rows: int, fail: bool = False
-                   ) -> int:
+def cells_task(work_root: str, config: MiningConfig, n_rows: int, fail: bool = False) -> int:
+    """The cells' centroids: the IVF coarse quantizer's, else a seeded k-means with
+    ``CELLS_PER_REGION`` centroids per region on a sample of the queries."""
     _maybe_fail("regions", fail)
     work = WorkDir(work_root)
-    if work.path(CENTROIDS).exists():  # resumed: the blocks already assigned used these
-        return int(np.load(work.path(CENTROIDS), mmap_mode="r").shape[0])
+    if work.path(CELL_CENTROIDS).exists():  # resumed: the blocks already assigned used these
+        return int(np.load(work.path(CELL_CENTROIDS), mmap_mode="r").shape[0])
     assert config.region_size is not None
-    n_centroids = core.n_regions(n_rows, config.region_size)
-    q = np.load(work.path(QUERIES), mmap_mode="r")
-    take = min(n_rows, SAMPLE_PER_REGION * n_centroids)
-    rng = np.random.default_rng([config.seed, 0x12E])
-    sample = q[np.sort(rng.choice(n_rows, size=take, replace=False))]
-    centroids = core.train_centroids(sample, n_centroids, config.seed)
+    if config.neighbours.index == "ivf":
+        import faiss
+
+        index = faiss.read_index(str(work.path(IVF_TRAINED)))  # owns what the views below see
+        quantizer = faiss.downcast_index(faiss.extract_index_ivf(index).quantizer)
+        centroids = quantizer.reconstruct_n(0, quantizer.ntotal)
+    else:
+        n_cells = max(1, min(core.CELLS_PER_REGION * core.n_regions(n_rows, config.region_size),
+                             n_rows // MIN_ROWS_PER_CELL))
+        q = np.load(work.path(QUERIES), mmap_mode="r")
+        take = min(n_rows, SAMPLE_PER_CELL * n_cells)
+        rng = np.random.default_rng([config.seed, 0x12E])
+        sample = q[np.sort(rng.choice(n_rows, size=take, replace=False))]
+        centroids = core.train_centroids(sample, n_cells, config.seed)
     work.path("regions").mkdir(exist_ok=True)
-    _npy(work, FIRST, (n_rows,), np.int32)
-    _npy(work, SECOND, (n_rows,), np.int32)
+    _npy(work, CELL, (n_rows,), np.int32)
     _npy(work, REGION, (n_rows,), np.int32)
-    write_npy(work.path(CENTROIDS), centroids)
+    write_npy(work.path(CELL_CENTROIDS), np.ascontiguousarray(centroids, np.float32))
     return int(centroids.shape[0])
 
 
@@ -98,56 +118,87 @@ def _counts_path(work: WorkDir, part: str):
     return work.path("regions") / f"counts-{part}.npy"
 
 
-def assign_task(work_root: str, part: str, start: int, stop: int) -> str:
-    """Two nearest centroids of rows [start, stop) and the block's (coarse, second) counts."""
+def _pairs_path(work: WorkDir, part: str):
+    return work.path("regions") / f"pairs-{part}.npy"
+
+
+def assign_task(work_root: str, config: MiningConfig, part: str, start: int, stop: int) -> str:
+    """Cells of rows [start, stop) (their first IVF list when the fill tasks kept it, else
+    the nearest centroid) and the block's rows per cell."""
     work = WorkDir(work_root)
-    centroids = np.load(work.path(CENTROIDS))
-    first, second = core.nearest_two(np.load(work.path(QUERIES), mmap_mode="r")[start:stop],
-                                     centroids)
-    for name, values in ((FIRST, first), (SECOND, second)):
-        out = np.load(work.path(name), mmap_mode="r+")
-        out[start:stop] = values
-        out.flush()
-        del out
-    r = centroids.shape[0]
-    counts = np.bincount(first.astype(np.int64) * r + second, minlength=r * r).reshape(r, r)
-    write_npy(_counts_path(work, part), counts)
+    centroids = np.load(work.path(CELL_CENTROIDS))
+    lists = _query_lists(work, config, start, stop)
+    cells = (lists[:, 0].astype(np.int32) if lists is not None else
+             core.nearest_cell(np.load(work.path(QUERIES), mmap_mode="r")[start:stop], centroids))
+    _fill(work, CELL, start, cells)
+    write_npy(_counts_path(work, part), np.bincount(cells, minlength=len(centroids)))
     return part
 
 
-def label_task(work_root: str, config: MiningConfig, start: int, stop: int,
-               offsets: np.ndarray, sizes: np.ndarray, chunks: np.ndarray, base: np.ndarray
-               ) -> np.ndarray:
+def pairs_task(work_root: str, config: MiningConfig, part: str, start: int, stop: int,
+               n_cells: int) -> str:
+    """The block's window entries between different cells, counted per (cell, cell) pair."""
+    work = WorkDir(work_root)
+    window = read_neighbours(work, [part], scores=False).rows[:, config.p: config.p + config.m]
+    cell = np.load(work.path(CELL), mmap_mode="r")
+    window_cells = np.where(window >= 0, cell[np.maximum(window, 0)], -1)
+    keys, counts = core.cell_pairs(cell[start:stop], window_cells, n_cells)
+    write_npy(_pairs_path(work, part), np.stack([keys, counts.astype(np.int64)]))
+    return part
+
+
+def partition_task(work_root: str, config: MiningConfig, parts: list[str], n_cells: int
+                   ) -> dict[str, Any]:
+    """Cut the cell graph into blocks of at most S rows; the cells' blocks -> ``CELL_PART``."""
+    assert config.region_size is not None
+    work = WorkDir(work_root)
+    sizes = np.sum([np.load(_counts_path(work, p)) for p in parts], axis=0)
+    graph = None
+    for a in range(0, len(parts), PAIR_FILES_PER_SUM):  # a few files at a time: bounded memory
+        pairs = np.concatenate([np.load(_pairs_path(work, p)) for p in
+                                parts[a:a + PAIR_FILES_PER_SUM]], axis=1)
+        g = core.cell_graph(pairs[0], pairs[1], n_cells)
+        graph = g if graph is None else graph + g
+    assert graph is not None
+    part = core.partition_cells(graph, sizes, config.region_size, config.seed)
+    coo = graph.tocoo()
+    between = int(coo.data[part[coo.row] != part[coo.col]].sum()) // 2  # both ways stored
+    write_npy(work.path(CELL_PART), part)
+    return {"cells": int(n_cells), "cell_graph_edges": int(graph.nnz // 2),
+            "window_entries_between_blocks": between}
+
+
+def label_task(work_root: str, start: int, stop: int, layout: core.RegionLayout,
+               offsets: np.ndarray) -> np.ndarray:
     """Final region of rows [start, stop); returns the block's rows per final region."""
     work = WorkDir(work_root)
-    first = np.load(work.path(FIRST), mmap_mode="r")[start:stop]
-    second = np.load(work.path(SECOND), mmap_mode="r")[start:stop]
-    region = core.final_regions(first, second, offsets, sizes, chunks, base)
-    out = np.load(work.path(REGION), mmap_mode="r+")
-    out[start:stop] = region
-    out.flush()
-    del out
-    return np.bincount(region, minlength=int(chunks.sum()))
+    region = layout.regions(np.load(work.path(CELL), mmap_mode="r")[start:stop], offsets)
+    _fill(work, REGION, start, region)
+    return np.bincount(region, minlength=layout.n_regions)
 
 
 def run_regions(job: _Job, n_rows: int, blocks: list[tuple[str, int, int]]) -> dict[str, Any]:
     work, config = job.work, job.config
-    fail = job.fail_stage == "regions"
-    n_centroids = job.submit(centroids_task, job.root, config, n_rows, fail=fail).result()
-    todo = [b for b in blocks if not _counts_path(work, b[0]).exists()]
-    job.gather("regions", [job.submit(assign_task, job.root, name, a, b)
-                           for name, a, b in todo], total=2 * len(blocks))
-    block_counts = [np.load(_counts_path(work, name)) for name, _, _ in blocks]
     assert config.region_size is not None
-    chunks, base = core.chunk_regions(np.sum(block_counts, axis=0), config.region_size)
-    sizes = np.sum(block_counts, axis=0).sum(axis=1)
-    offsets = core.pair_offsets(block_counts)
-    futures = [job.submit(label_task, job.root, config, a, b, off, sizes, chunks, base)
-               for (_, a, b), off in zip(blocks, offsets)]
-    per_block = job.gather("regions", futures, done=len(blocks), total=2 * len(blocks))
-    region_sizes = np.sum(per_block, axis=0)
-    return {"coarse_regions": int(n_centroids), "n_regions": int(chunks.sum()),
-            "region_sizes": [int(s) for s in region_sizes]}
+    fail = job.fail_stage == "regions"
+    n_cells = job.submit(cells_task, job.root, config, n_rows, fail=fail).result()
+    total = 3 * len(blocks) + 1
+    todo = [b for b in blocks if not _counts_path(work, b[0]).exists()]
+    job.gather("regions", [job.submit(assign_task, job.root, config, *b) for b in todo],
+               done=len(blocks) - len(todo), total=total)
+    todo = [b for b in blocks if not _pairs_path(work, b[0]).exists()]
+    job.gather("regions", [job.submit(pairs_task, job.root, config, *b, n_cells) for b in todo],
+               done=2 * len(blocks) - len(todo), total=total)
+    names = [name for name, _, _ in blocks]
+    cut = job.submit(partition_task, job.root, config, names, n_cells).result()
+    block_counts = [np.load(_counts_path(work, name)) for name in names]
+    layout = core.RegionLayout.of(np.load(work.path(CELL_PART)), np.sum(block_counts, axis=0),
+                                  config.region_size)
+    futures = [job.submit(label_task, job.root, a, b, layout, off)
+               for (_, a, b), off in zip(blocks, core.cell_offsets(block_counts))]
+    per_block = job.gather("regions", futures, done=2 * len(blocks) + 1, total=total)
+    return {**cut, "n_regions": layout.n_regions,
+            "region_sizes": [int(s) for s in np.sum(per_block, axis=0)]}
 
 
 # -- graph: the partitioned join --------------------------------------------------------------
@@ -322,11 +373,8 @@ def copy_clusters_task(work_root: str, config: MiningConfig, region: int, offset
     members = t.column("members").combine_chunks().flatten().to_numpy().reshape(-1, k)
     padded = t.column("padded").combine_chunks().flatten().to_numpy(
         zero_copy_only=False).reshape(-1, k)
-    for name, values in ((MEMBERS, members), (MEMBER_PADDED, padded)):
-        out = np.load(work.path(name), mmap_mode="r+")
-        out[offset: offset + len(values)] = values
-        out.flush()
-        del out
+    _fill(work, MEMBERS, offset, members)
+    _fill(work, MEMBER_PADDED, offset, padded)
     return len(members)
 
 

@@ -340,3 +340,19 @@ def test_bad_inputs_raise_input_errors() -> None:
 def test_missing_backend_names_the_extra() -> None:
     with pytest.raises(ImportError, match=r"pip install b3mine\[mining\]"):
         _require("b3mine_no_such_module", "leiden")
+
+
+def test_weighted_metis_file_and_block_caps(tmp_path) -> None:
+    from b3mine.clustering import kaminpar_partition, write_metis
+
+    # a path 0 -3- 1 -1- 2 -5- 3 and an isolated node 4; vertex weights 2, 1, 1, 2, 1
+    graph = sp.csr_matrix(sp.coo_matrix(([3, 3, 1, 1, 5, 5], ([0, 1, 1, 2, 2, 3],
+                                                               [1, 0, 2, 1, 3, 2])), (5, 5)))
+    weights = np.array([2, 1, 1, 2, 1])
+    write_metis(graph, str(tmp_path / "g"), weights)
+    assert (tmp_path / "g").read_text().splitlines() == [
+        "5 3 011", "2 2 3", "1 1 3 3 1", "1 2 1 4 5", "2 3 5", "1"]
+    labels = kaminpar_partition(graph, [4, 4], seed=0, preset="default",
+                                vertex_weights=weights)
+    assert np.bincount(labels, weights=weights).max() <= 4
+    assert labels[0] == labels[1] and labels[2] == labels[3] and labels[1] != labels[2]

@@ -193,3 +193,14 @@ def test_plan_id_covers_result_versions(monkeypatch):
     monkeypatch.setattr(plan_module, "result_versions", lambda c: {**real, library: "0.0"})
     assert plan_module.plan_id_for("f" * 32, CONFIG) != before
 
+
+
+def test_regions_version_changes_region_plan_ids_only(monkeypatch):
+    from b3mine import plan as plan_module
+
+    regions = CONFIG.model_copy(update={"region_size": 500, "algorithm": "metis"})
+    assert "kaminpar" in plan_module.result_versions(regions)  # it cuts the regions
+    before = {c.region_size: plan_module.plan_id_for("f" * 32, c) for c in (CONFIG, regions)}
+    monkeypatch.setattr(plan_module, "REGIONS_VERSION", plan_module.REGIONS_VERSION + 1)
+    assert plan_module.plan_id_for("f" * 32, CONFIG) == before[None]
+    assert plan_module.plan_id_for("f" * 32, regions) != before[500]

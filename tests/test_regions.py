@@ -69,7 +69,14 @@ def test_region_plan_is_valid_and_covers_rows_once(region_plan, corpus_path):
     mixed = (per_cluster != per_cluster[:, :1]).any(axis=1)
     graph = plan.manifest.stats["graph"]
     assert mixed.sum() <= -(-graph["leftover_rows"] // 16)
-    assert 0 < graph["window_entries_in_region"] < 1 and graph["regions"] >= 4
+    assert graph["regions"] >= 4
+    # the regions stage cut the cell graph; the region tasks dropped exactly the window entries
+    # that the cut predicted (no region was chunked here: S exceeds every block)
+    cut = work.meta("regions")
+    assert cut["n_regions"] == graph["regions"]
+    assert round(1 - cut["window_entries_between_blocks"] / (2000 * CONFIG.m), 4) == \
+        graph["window_entries_in_region"]
+    assert graph["window_entries_in_region"] > 0.9  # 40 topics of 50 rows: whole ones per region
     # negatives: every clustered row has k=3 candidates, none of them in its own cluster
     neg = plan.negatives_table()
     assert neg.num_rows == 2000
@@ -139,6 +146,28 @@ def test_client_killed_then_resumed(region_plan, corpus_path, tmp_path, client):
     same_files(region_plan.plan, result.plan)
 
 
+def test_ivf_cells_are_the_rows_first_coarse_lists(corpus_path, tmp_path, client):
+    """With an IVF index the cells are its coarse lists: every row's cell is the list it was
+    added to, and the plan is valid with regions of at most S rows."""
+    import faiss
+
+    config = CONFIG.model_copy(update={"neighbours": NeighbourConfig(
+        index="ivf", nlist=64, nprobe=8, block_size=250)})
+    result = run_job(corpus_path, config, tmp_path, client=client, keep_work=True,
+                     report=False)
+    result.plan.validate()
+    work = WorkDir(tmp_path / ".work" / result.job_id)
+    assert work.meta("regions")["cells"] == 64
+    index = faiss.read_index(str(work.path("index.faiss")))
+    invlists = faiss.extract_index_ivf(index).invlists
+    listed = np.empty(2000, np.int64)
+    for lst in range(64):
+        ids = faiss.rev_swig_ptr(invlists.get_ids(lst), invlists.list_size(lst))
+        listed[np.asarray(ids)] = lst
+    np.testing.assert_array_equal(np.load(work.path("regions/cell.npy")), listed)
+    assert np.bincount(np.load(work.path("regions/region.npy"))).max() <= config.region_size
+
+
 def test_in_process_engine_refuses_regions(tmp_path, corpus_path):
     from b3mine.mining import mine
 
@@ -148,29 +177,77 @@ def test_in_process_engine_refuses_regions(tmp_path, corpus_path):
 
 # -- the core algorithms, without Dask ------------------------------------------------------
 
-def test_final_regions_cap_and_order():
+def test_region_layout_caps_and_orders_blocks_by_cell_then_row():
     rng = np.random.default_rng(0)
-    n, r, cap = 1000, 3, 150
-    first = rng.choice(r, size=n, p=[0.7, 0.2, 0.1]).astype(np.int32)
-    second = ((first + 1 + rng.integers(0, r - 1, size=n)) % r).astype(np.int32)
+    n, n_cells, cap = 1000, 12, 150
+    cells = rng.choice(n_cells, size=n, p=np.r_[0.4, np.full(n_cells - 1, 0.6 / (n_cells - 1))])
+    part = np.array([0, 1, 1, 2, 2, 2, 0, 3, 3, 1, 2, 0])  # block 0 holds cell 0: > cap
     blocks = [(0, 300), (300, 650), (650, 1000)]
-    counts = [np.bincount(first[a:b].astype(np.int64) * r + second[a:b],
-                          minlength=r * r).reshape(r, r) for a, b in blocks]
-    total = np.sum(counts, axis=0)
-    chunks, base = core.chunk_regions(total, cap)
-    sizes = total.sum(axis=1)
-    labels = np.concatenate([core.final_regions(first[a:b], second[a:b], off, sizes, chunks, base)
-                             for (a, b), off in zip(blocks, core.pair_offsets(counts))])
-    got = np.bincount(labels, minlength=int(chunks.sum()))
-    assert got.max() <= cap and got.sum() == n
-    # the same as one global sort by (coarse, second, row), cut into equal chunks
-    order = np.lexsort((np.arange(n), second, first))
-    expect = np.empty(n, np.int64)
-    for c in range(r):
-        rows = order[first[order] == c]
-        per = -(-len(rows) // chunks[c])
-        expect[rows] = base[c] + np.arange(len(rows)) // per
+    counts = [np.bincount(cells[a:b], minlength=n_cells) for a, b in blocks]
+    layout = core.RegionLayout.of(part, np.sum(counts, axis=0), cap)
+    labels = np.concatenate([layout.regions(cells[a:b], off)
+                             for (a, b), off in zip(blocks, core.cell_offsets(counts))])
+    got = np.bincount(labels, minlength=layout.n_regions)
+    assert got.max() <= cap and got.sum() == n and (got > 0).all()
+    # the same as one global sort by (block, cell, row), each block cut into equal chunks
+    order = np.lexsort((np.arange(n), cells, part[cells]))
+    expect, first = np.empty(n, np.int64), 0
+    for blk in range(part.max() + 1):
+        rows = order[part[cells[order]] == blk]
+        chunks = -(-len(rows) // cap)
+        expect[rows] = first + np.arange(len(rows)) // -(-len(rows) // chunks)
+        first += chunks
     np.testing.assert_array_equal(labels, expect)
+
+
+def planted_cells(groups: int, cells_per_group: int, rows_per_cell: int, m: int, seed: int):
+    """Cells of rows in ``groups`` topics; every row's window points inside its topic."""
+    rng = np.random.default_rng(seed)
+    n_cells = groups * cells_per_group
+    cell = rng.permutation(np.repeat(np.arange(n_cells), rows_per_cell))
+    topic = cell % groups
+    window = np.stack([rng.choice(np.flatnonzero(topic == t), size=m) for t in topic])
+    return cell, topic, window
+
+
+def test_partition_cells_keeps_topics_whole_under_the_cap():
+    cell, topic, window = planted_cells(groups=6, cells_per_group=5, rows_per_cell=20, m=8,
+                                        seed=1)
+    n_cells = cell.max() + 1
+    keys, counts = core.cell_pairs(cell, cell[window], n_cells)
+    graph = core.cell_graph(keys, counts, n_cells)
+    sizes = np.bincount(cell)
+    part = core.partition_cells(graph, sizes, region_size=200, seed=3)  # 2 topics a region
+    assert np.bincount(part, weights=sizes).max() <= 200
+    # no window entry crosses a block: each topic's cells share one block
+    assert all(len(np.unique(part[np.arange(n_cells) % 6 == t])) == 1 for t in range(6))
+    np.testing.assert_array_equal(part, core.partition_cells(graph, sizes, 200, seed=3))
+
+
+def test_cell_pairs_count_window_entries_between_cells():
+    rng = np.random.default_rng(2)
+    cells = rng.integers(0, 5, size=40)
+    window_cells = np.where(rng.random((40, 6)) < 0.1, -1, rng.integers(0, 5, size=(40, 6)))
+    keys, counts = core.cell_pairs(cells, window_cells, 5)
+    expect = {}
+    for i, row in enumerate(window_cells):
+        for j in row:
+            if j >= 0 and j != cells[i]:
+                expect[cells[i] * 5 + j] = expect.get(cells[i] * 5 + j, 0) + 1
+    assert dict(zip(keys.tolist(), counts.tolist())) == expect
+    graph = core.cell_graph(keys, counts, 5).toarray()
+    np.testing.assert_array_equal(graph, graph.T)
+    assert graph.sum() == 2 * counts.sum() and np.diag(graph).sum() == 0
+
+
+def test_a_cell_above_the_cap_is_chunked():
+    sizes = np.array([700, 50, 50])
+    graph = core.cell_graph(np.array([1, 5]), np.array([3, 3]), 3)
+    part = core.partition_cells(graph, sizes, region_size=300, seed=0)
+    layout = core.RegionLayout.of(part, sizes, 300)
+    cells = np.repeat(np.arange(3), sizes)
+    labels = layout.regions(cells, np.zeros(3, np.int64))
+    assert np.bincount(labels).max() <= 300 and layout.n_regions >= 3
 
 
 def test_region_graph_is_the_induced_mutual_window_graph():
