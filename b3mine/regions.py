@@ -44,7 +44,7 @@ from b3mine.graph import window_graph
 from b3mine.negatives import hnips, hnps_clusters
 from b3mine.neighbours import Neighbours
 
-__all__ = ["RegionLayout", "RegionResult", "cell_graph", "cell_offsets", "cell_pairs",
+__all__ = ["RegionLayout", "RegionResult", "cell_graph", "cell_pairs",
            "epoch_keys", "mine_region", "n_regions", "nearest_cell", "partition_cells",
            "train_centroids"]
 
@@ -144,7 +144,7 @@ class RegionLayout:
 
     def regions(self, cells: np.ndarray, offsets: np.ndarray) -> np.ndarray:
         """Final region of each row of one block (rows ascending); ``offsets`` (F,): rows of
-        each cell in earlier blocks (`cell_offsets`)."""
+        each cell in earlier blocks (needed only for cells of blocks cut into chunks)."""
         cells = np.asarray(cells, np.int64)
         order = np.argsort(cells, kind="stable")
         sorted_cells = cells[order]
@@ -157,15 +157,6 @@ class RegionLayout:
         position = self.prefix[cells] + offsets[cells] + rank
         base = np.cumsum(self.chunks) - self.chunks  # first region id of each block
         return (base[block] + position // self.per_chunk[block]).astype(np.int32)
-
-
-def cell_offsets(block_counts: list[np.ndarray]) -> list[np.ndarray]:
-    """For every block (in row order), the rows of each cell in the blocks before it."""
-    out, running = [], np.zeros_like(block_counts[0]) if block_counts else None
-    for counts in block_counts:
-        out.append(running)
-        running = running + counts
-    return out
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ exists is not run again, so a resumed job redoes only unfinished regions or bloc
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from typing import TYPE_CHECKING, Any
@@ -54,12 +55,12 @@ if TYPE_CHECKING:
     from pipelines.engine import _Job
 
 REGION_STAGES = ("load", "neighbours", "regions", "graph", "clusters", "batches", "write")
-CELL_CENTROIDS, CELL, CELL_PART, REGION = (f"regions/{n}.npy" for n in
-                                           ("cell-centroids", "cell", "cell-part", "region"))
+CELL_CENTROIDS, CELL, REGION = (f"regions/{n}.npy" for n in ("cell-centroids", "cell", "region"))
+LAYOUT = "regions/layout.npz"  # core.RegionLayout: read by every label task from here
 MEMBERS, MEMBER_PADDED, NEGATIVES = "members.npy", "member_padded.npy", "negatives1.npy"
 SAMPLE_PER_CELL = 64  # k-means training rows per cell
 MIN_ROWS_PER_CELL = 39  # FAISS's k-means warns below this many rows per centroid
-PAIR_FILES_PER_SUM = 64  # cell-pair files summed at once into the cell graph
+PAIR_FILES_PER_SUM = 16  # cell-pair files summed at once into the cell graph
 
 
 def _npy(work: WorkDir, name: str, shape: tuple[int, ...], dtype: Any) -> None:
@@ -131,8 +132,16 @@ def assign_task(work_root: str, config: MiningConfig, part: str, start: int, sto
     cells = (lists[:, 0].astype(np.int32) if lists is not None else
              core.nearest_cell(np.load(work.path(QUERIES), mmap_mode="r")[start:stop], centroids))
     _fill(work, CELL, start, cells)
-    write_npy(_counts_path(work, part), np.bincount(cells, minlength=len(centroids)))
+    present, counts = np.unique(cells, return_counts=True)  # sparse: a block holds few cells
+    write_npy(_counts_path(work, part), np.stack([present.astype(np.int64), counts]))
     return part
+
+
+def _block_counts(work: WorkDir, parts: list[str]):
+    """(cells present, rows of each) of every block, in row order, one file at a time."""
+    for p in parts:
+        cells, counts = np.load(_counts_path(work, p))
+        yield cells, counts
 
 
 def pairs_task(work_root: str, config: MiningConfig, part: str, start: int, stop: int,
@@ -149,10 +158,12 @@ def pairs_task(work_root: str, config: MiningConfig, part: str, start: int, stop
 
 def partition_task(work_root: str, config: MiningConfig, parts: list[str], n_cells: int
                    ) -> dict[str, Any]:
-    """Cut the cell graph into blocks of at most S rows; the cells' blocks -> ``CELL_PART``."""
+    """Cut the cell graph into blocks of at most S rows; the layout -> ``LAYOUT``."""
     assert config.region_size is not None
     work = WorkDir(work_root)
-    sizes = np.sum([np.load(_counts_path(work, p)) for p in parts], axis=0)
+    sizes = np.zeros(n_cells, np.int64)
+    for cells, counts in _block_counts(work, parts):
+        sizes[cells] += counts
     graph = None
     for a in range(0, len(parts), PAIR_FILES_PER_SUM):  # a few files at a time: bounded memory
         pairs = np.concatenate([np.load(_pairs_path(work, p)) for p in
@@ -161,17 +172,41 @@ def partition_task(work_root: str, config: MiningConfig, parts: list[str], n_cel
         graph = g if graph is None else graph + g
     assert graph is not None
     part = core.partition_cells(graph, sizes, config.region_size, config.seed)
+    layout = core.RegionLayout.of(part, sizes, config.region_size)
     coo = graph.tocoo()
     between = int(coo.data[part[coo.row] != part[coo.col]].sum()) // 2  # both ways stored
-    write_npy(work.path(CELL_PART), part)
+    with atomic_path(work.path(LAYOUT)) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **dataclasses.asdict(layout))
     return {"cells": int(n_cells), "cell_graph_edges": int(graph.nnz // 2),
-            "window_entries_between_blocks": between}
+            "window_entries_between_blocks": between, "n_regions": layout.n_regions,
+            "chunked_blocks": int((layout.chunks > 1).sum())}
 
 
-def label_task(work_root: str, start: int, stop: int, layout: core.RegionLayout,
-               offsets: np.ndarray) -> np.ndarray:
+def _chunk_offsets(work: WorkDir, parts: list[str], layout: core.RegionLayout
+                   ) -> list[tuple[np.ndarray, np.ndarray] | None]:
+    """Per block: (cells, rows of each in earlier blocks) for its cells in a block cut into
+    chunks, the only rows whose place inside their block matters; None where it has none.
+    Streams the counts files: it holds one block's counts and one entry per cell."""
+    chunked = layout.chunks[layout.part] > 1
+    if not chunked.any():
+        return [None] * len(parts)
+    running, out = np.zeros(len(layout.part), np.int64), []
+    for cells, counts in _block_counts(work, parts):
+        keep = cells[chunked[cells]]
+        out.append((keep, running[keep]) if keep.size else None)
+        running[cells] += counts
+    return out
+
+
+def label_task(work_root: str, start: int, stop: int,
+               chunk_offsets: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
     """Final region of rows [start, stop); returns the block's rows per final region."""
     work = WorkDir(work_root)
+    with np.load(work.path(LAYOUT)) as stored:
+        layout = core.RegionLayout(**stored)
+    offsets = np.zeros(len(layout.part), np.int64)
+    if chunk_offsets is not None:
+        offsets[chunk_offsets[0]] = chunk_offsets[1]
     region = layout.regions(np.load(work.path(CELL), mmap_mode="r")[start:stop], offsets)
     _fill(work, REGION, start, region)
     return np.bincount(region, minlength=layout.n_regions)
@@ -191,14 +226,12 @@ def run_regions(job: _Job, n_rows: int, blocks: list[tuple[str, int, int]]) -> d
                done=2 * len(blocks) - len(todo), total=total)
     names = [name for name, _, _ in blocks]
     cut = job.submit(partition_task, job.root, config, names, n_cells).result()
-    block_counts = [np.load(_counts_path(work, name)) for name in names]
-    layout = core.RegionLayout.of(np.load(work.path(CELL_PART)), np.sum(block_counts, axis=0),
-                                  config.region_size)
-    futures = [job.submit(label_task, job.root, a, b, layout, off)
-               for (_, a, b), off in zip(blocks, core.cell_offsets(block_counts))]
+    with np.load(work.path(LAYOUT)) as stored:
+        offsets = _chunk_offsets(work, names, core.RegionLayout(**stored))
+    futures = [job.submit(label_task, job.root, a, b, off)
+               for (_, a, b), off in zip(blocks, offsets)]
     per_block = job.gather("regions", futures, done=2 * len(blocks) + 1, total=total)
-    return {**cut, "n_regions": layout.n_regions,
-            "region_sizes": [int(s) for s in np.sum(per_block, axis=0)]}
+    return {**cut, "region_sizes": [int(s) for s in np.sum(per_block, axis=0)]}
 
 
 # -- graph: the partitioned join --------------------------------------------------------------

@@ -168,6 +168,25 @@ def test_ivf_cells_are_the_rows_first_coarse_lists(corpus_path, tmp_path, client
     assert np.bincount(np.load(work.path("regions/region.npy"))).max() <= config.region_size
 
 
+def test_cells_larger_than_s_are_chunked_by_the_tasks(corpus_path, tmp_path, client):
+    """S below every cell's size: each block is cut into chunks in (cell, row) order by the
+    label tasks (offsets streamed from the blocks' counts); regions hold at most S rows."""
+    config = CONFIG.model_copy(update={"region_size": 32, "negatives": NegativesConfig()})
+    result = run_job(corpus_path, config, tmp_path, client=client, keep_work=True,
+                     report=False)
+    result.plan.validate()
+    work = WorkDir(tmp_path / ".work" / result.job_id)
+    assert work.meta("regions")["chunked_blocks"] > 0
+    region, cell = (np.load(work.path(f"regions/{n}.npy")) for n in ("region", "cell"))
+    sizes = np.bincount(region)
+    assert sizes.max() <= 32 and sizes.sum() == 2000
+    # rows in (block, cell, row) order get non-decreasing regions: each block is cut in order
+    with np.load(work.path("regions/layout.npz")) as layout:
+        part = layout["part"]
+    order = np.lexsort((np.arange(2000), cell, part[cell]))
+    assert (np.diff(region[order]) >= 0).all()
+
+
 def test_in_process_engine_refuses_regions(tmp_path, corpus_path):
     from b3mine.mining import mine
 
@@ -185,8 +204,9 @@ def test_region_layout_caps_and_orders_blocks_by_cell_then_row():
     blocks = [(0, 300), (300, 650), (650, 1000)]
     counts = [np.bincount(cells[a:b], minlength=n_cells) for a, b in blocks]
     layout = core.RegionLayout.of(part, np.sum(counts, axis=0), cap)
+    offsets = np.cumsum([np.zeros(n_cells, np.int64)] + counts[:-1], axis=0)
     labels = np.concatenate([layout.regions(cells[a:b], off)
-                             for (a, b), off in zip(blocks, core.cell_offsets(counts))])
+                             for (a, b), off in zip(blocks, offsets)])
     got = np.bincount(labels, minlength=layout.n_regions)
     assert got.max() <= cap and got.sum() == n and (got > 0).all()
     # the same as one global sort by (block, cell, row), each block cut into equal chunks
