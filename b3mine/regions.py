@@ -48,7 +48,7 @@ __all__ = ["RegionLayout", "RegionResult", "cell_graph", "cell_pairs",
            "epoch_keys", "mine_region", "n_regions", "nearest_cell", "partition_cells",
            "train_centroids"]
 
-CELLS_PER_REGION = 64  # k-means cells per region when there are no IVF lists (see benchmarks)
+CELLS_PER_REGION = 64  # k-means cells per region without IVF lists (benchmarks/regions.py)
 
 
 def n_regions(n_rows: int, region_size: int) -> int:
