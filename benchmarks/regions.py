@@ -14,7 +14,6 @@ corpus is ``benchmarks/pipeline.py``'s. One JSON line per cell source.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import tempfile
 import time
@@ -22,13 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import generate
+from pipeline import emit, generate
 
 BLOCK = 65_536
-
-
-def emit(**record: object) -> None:
-    print(json.dumps(record), flush=True)
 
 
 def rank_windows(x: np.ndarray, p: int, m: int, nprobe: int, cache: Path
