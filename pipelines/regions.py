@@ -127,7 +127,7 @@ def assign_task(work_root: str, config: MiningConfig, part: str, start: int, sto
     """Cells of rows [start, stop) (their first IVF list when the fill tasks kept it, else
     the nearest centroid) and the block's rows per cell."""
     work = WorkDir(work_root)
-    centroids = np.load(work.path(CELL_CENTROIDS))
+    centroids = np.load(work.path(CELL_CENTROIDS), mmap_mode="r")  # read only without lists
     lists = _query_lists(work, config, start, stop)
     cells = (lists[:, 0].astype(np.int32) if lists is not None else
              core.nearest_cell(np.load(work.path(QUERIES), mmap_mode="r")[start:stop], centroids))
