@@ -66,6 +66,22 @@ def write_npy(path: Path, array: np.ndarray) -> None:
         np.save(f, array)
 
 
+def allocate_npy(path: Path, shape: tuple[int, ...], dtype: Any) -> None:
+    """Create a zero-filled ``.npy`` once (sparse on most filesystems), so that tasks can fill
+    disjoint slices of it (`fill_npy`)."""
+    if not path.exists():
+        with atomic_path(path) as tmp:  # creating the memmap writes the header and size
+            np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+
+
+def fill_npy(path: Path, start: int, values: np.ndarray) -> None:
+    """Write ``values`` into rows [start, start + len(values)) of an `allocate_npy` file."""
+    out = np.load(path, mmap_mode="r+")
+    out[start:start + len(values)] = values
+    out.flush()
+    del out
+
+
 def write_parquet(path: Path, table: pa.Table, **kwargs: Any) -> None:
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp, **{"write_page_checksum": True, **kwargs})

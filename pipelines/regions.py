@@ -39,7 +39,15 @@ from b3mine.mining import finish_plan
 from b3mine.negatives import positive_scores
 from b3mine.neighbours import Neighbours
 
-from pipelines.checkpoints import WorkDir, atomic_path, write_json, write_npy, write_parquet
+from pipelines.checkpoints import (
+    WorkDir,
+    allocate_npy,
+    atomic_path,
+    fill_npy,
+    write_json,
+    write_npy,
+    write_parquet,
+)
 from pipelines.stages import (
     IVF_TRAINED,
     QUERIES,
@@ -63,20 +71,10 @@ MIN_ROWS_PER_CELL = 39  # FAISS's k-means warns below this many rows per centroi
 PAIR_FILES_PER_SUM = 16  # cell-pair files summed at once into the cell graph
 
 
-def _npy(work: WorkDir, name: str, shape: tuple[int, ...], dtype: Any) -> None:
-    """Create a zero-filled ``.npy`` once (sparse on most filesystems), for disjoint writes."""
-    path = work.path(name)
-    if not path.exists():
-        with atomic_path(path) as tmp:
-            m = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
-            del m
-
-
-def _fill(work: WorkDir, name: str, start: int, values: np.ndarray) -> None:
-    out = np.load(work.path(name), mmap_mode="r+")
-    out[start:start + len(values)] = values
-    out.flush()
-    del out
+def _read_layout(work: WorkDir) -> core.RegionLayout:
+    """The regions stage's layout, written once by `partition_task`."""
+    with np.load(work.path(LAYOUT)) as stored:
+        return core.RegionLayout(**stored)
 
 
 def _delay(seconds: float) -> None:
@@ -109,8 +107,8 @@ def cells_task(work_root: str, config: MiningConfig, n_rows: int, fail: bool = F
         sample = q[np.sort(rng.choice(n_rows, size=take, replace=False))]
         centroids = core.train_centroids(sample, n_cells, config.seed)
     work.path("regions").mkdir(exist_ok=True)
-    _npy(work, CELL, (n_rows,), np.int32)
-    _npy(work, REGION, (n_rows,), np.int32)
+    allocate_npy(work.path(CELL), (n_rows,), np.int32)
+    allocate_npy(work.path(REGION), (n_rows,), np.int32)
     write_npy(work.path(CELL_CENTROIDS), np.ascontiguousarray(centroids, np.float32))
     return int(centroids.shape[0])
 
@@ -131,7 +129,7 @@ def assign_task(work_root: str, config: MiningConfig, part: str, start: int, sto
     lists = _query_lists(work, config, start, stop)
     cells = (lists[:, 0].astype(np.int32) if lists is not None else
              core.nearest_cell(np.load(work.path(QUERIES), mmap_mode="r")[start:stop], centroids))
-    _fill(work, CELL, start, cells)
+    fill_npy(work.path(CELL), start, cells)
     present, counts = np.unique(cells, return_counts=True)  # sparse: a block holds few cells
     write_npy(_counts_path(work, part), np.stack([present.astype(np.int64), counts]))
     return part
@@ -202,13 +200,12 @@ def label_task(work_root: str, start: int, stop: int,
                chunk_offsets: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
     """Final region of rows [start, stop); returns the block's rows per final region."""
     work = WorkDir(work_root)
-    with np.load(work.path(LAYOUT)) as stored:
-        layout = core.RegionLayout(**stored)
+    layout = _read_layout(work)
     offsets = np.zeros(len(layout.part), np.int64)
     if chunk_offsets is not None:
         offsets[chunk_offsets[0]] = chunk_offsets[1]
     region = layout.regions(np.load(work.path(CELL), mmap_mode="r")[start:stop], offsets)
-    _fill(work, REGION, start, region)
+    fill_npy(work.path(REGION), start, region)
     return np.bincount(region, minlength=layout.n_regions)
 
 
@@ -226,8 +223,7 @@ def run_regions(job: _Job, n_rows: int, blocks: list[tuple[str, int, int]]) -> d
                done=2 * len(blocks) - len(todo), total=total)
     names = [name for name, _, _ in blocks]
     cut = job.submit(partition_task, job.root, config, names, n_cells).result()
-    with np.load(work.path(LAYOUT)) as stored:
-        offsets = _chunk_offsets(work, names, core.RegionLayout(**stored))
+    offsets = _chunk_offsets(work, names, _read_layout(work))
     futures = [job.submit(label_task, job.root, a, b, off)
                for (_, a, b), off in zip(blocks, offsets)]
     per_block = job.gather("regions", futures, done=2 * len(blocks) + 1, total=total)
@@ -369,7 +365,7 @@ def run_clusters(job: _Job, n_rows: int, n_regions: int, parts: list[str]
                  ) -> dict[str, Any]:
     work, config = job.work, job.config
     if config.negatives.mode != "none":
-        _npy(work, NEGATIVES, (n_rows, config.negatives.k), np.int64)
+        allocate_npy(work.path(NEGATIVES), (n_rows, config.negatives.k), np.int64)
     work.path("clustered").mkdir(exist_ok=True)
     fail = job.fail_stage == "clusters"
     metas = {r: _region_meta(work, r) for r in range(n_regions)}
@@ -406,8 +402,8 @@ def copy_clusters_task(work_root: str, config: MiningConfig, region: int, offset
     members = t.column("members").combine_chunks().flatten().to_numpy().reshape(-1, k)
     padded = t.column("padded").combine_chunks().flatten().to_numpy(
         zero_copy_only=False).reshape(-1, k)
-    _fill(work, MEMBERS, offset, members)
-    _fill(work, MEMBER_PADDED, offset, padded)
+    fill_npy(work.path(MEMBERS), offset, members)
+    fill_npy(work.path(MEMBER_PADDED), offset, padded)
     return len(members)
 
 
@@ -441,8 +437,8 @@ def key_range_task(work_root: str, config: MiningConfig, n_clusters: int, epoch:
 def run_batches(job: _Job, region_clusters: list[int]) -> dict[str, Any]:
     work, config = job.work, job.config
     n_clusters, k = int(sum(region_clusters)), config.cluster_size
-    _npy(work, MEMBERS, (n_clusters, k), np.int64)
-    _npy(work, MEMBER_PADDED, (n_clusters, k), bool)
+    allocate_npy(work.path(MEMBERS), (n_clusters, k), np.int64)
+    allocate_npy(work.path(MEMBER_PADDED), (n_clusters, k), bool)
     offsets = np.concatenate([[0], np.cumsum(region_clusters)[:-1]])
     regions = list(range(len(region_clusters) - 1)) + [-1]  # the leftover region last
     copies = [job.submit(copy_clusters_task, job.root, config, r, int(o))

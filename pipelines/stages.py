@@ -61,7 +61,14 @@ from b3mine.neighbours import (
 )
 from b3mine.plan import PlanLineage
 
-from pipelines.checkpoints import WorkDir, atomic_path, write_npy, write_parquet
+from pipelines.checkpoints import (
+    WorkDir,
+    allocate_npy,
+    atomic_path,
+    fill_npy,
+    write_npy,
+    write_parquet,
+)
 
 QUERIES, TARGETS = "queries.npy", "targets.npy"
 RAW_QUERIES, RAW_TARGETS = "raw_queries.npy", "raw_targets.npy"
@@ -239,21 +246,13 @@ def _read_shard(plan: SourcePlan, start: int, stop: int
     return ids, q, t
 
 
-def _open_output(work: WorkDir, name: str) -> np.memmap:
-    return np.load(work.path(name), mmap_mode="r+")
-
-
 def allocate_vectors(work: WorkDir, plan: SourcePlan, normalize: bool) -> None:
     """Create the work directory's ``.npy`` files once, so shard tasks fill disjoint slices."""
     names = [QUERIES] + ([TARGETS] if plan.paired else [])
     if normalize:
         names += [RAW_QUERIES] + ([RAW_TARGETS] if plan.paired else [])
     for name in names:
-        if not work.path(name).exists():
-            with atomic_path(work.path(name)) as tmp:
-                m = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32,
-                                              shape=(plan.n_rows, plan.dim))
-                del m
+        allocate_npy(work.path(name), (plan.n_rows, plan.dim), np.float32)
 
 
 def load_shard(work_root: str, plan: SourcePlan, start: int, stop: int, normalize: bool) -> str:
@@ -281,10 +280,7 @@ def load_shard(work_root: str, plan: SourcePlan, start: int, stop: int, normaliz
         pairs += [(RAW_QUERIES, emb.queries), (RAW_TARGETS, emb.targets)]
     for name, m in pairs:
         if m is not None:
-            out = _open_output(work, name)
-            out[start:stop] = m
-            out.flush()
-            del out
+            fill_npy(work.path(name), start, m)
     _write_id_part(work, start, emb.ids, plan.id_buckets)
     return emb.ids.dtype.str
 
